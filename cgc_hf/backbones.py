@@ -1,0 +1,244 @@
+"""Build, rebuild and call timm / transformers image classifiers behind one small interface."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CGCTypeError, CGCValueError, close_matches
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def library_of(model: nn.Module) -> str:
+    """``"transformers"`` for a ``PreTrainedModel``, ``"timm"`` for anything else with a timm head."""
+    try:
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            return "transformers"
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    if hasattr(model, "forward_features") and hasattr(model, "get_classifier"):
+        return "timm"
+    raise CGCTypeError(
+        f"backbone must be a timm model or a transformers image classifier; got "
+        f"{type(model).__name__}. Build one with timm.create_model(...) or "
+        "AutoModelForImageClassification.from_pretrained(...)."
+    )
+
+
+def logits_of(model: nn.Module, library: str, pixel_values: Tensor) -> Tensor:
+    """Class logits ``(B, K)`` of either library's classifier."""
+    if library == "transformers":
+        return model(pixel_values=pixel_values).logits
+    return model(pixel_values)
+
+
+def disable_fused_attention(model: nn.Module, library: str) -> None:
+    """Switch attention to an implementation with a double backward (fused SDPA has none)."""
+    if library == "transformers":
+        if getattr(model.config, "_attn_implementation", "eager") != "eager":
+            model.set_attn_implementation("eager")
+    for module in model.modules():  # timm modules, and timm models inside timm_wrapper
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+
+
+def is_timm_name(name: str) -> bool:
+    import timm
+
+    return name.startswith(("hf-hub:", "local-dir:", "timm/")) and not os.path.isdir(name) or (
+        timm.is_model(name)
+    )
+
+
+def create_backbone(
+    name_or_model: str | nn.Module,
+    num_labels: int | None,
+    id2label: dict[int, str] | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> tuple[nn.Module, str, str, dict[str, Any]]:
+    """Create (or adopt) a classifier with ``num_labels`` outputs.
+
+    Returns:
+        ``(model, library, architecture, backbone_config)``; ``backbone_config`` rebuilds the
+        same architecture offline with :func:`rebuild_backbone`.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if isinstance(name_or_model, nn.Module):
+        model = name_or_model
+        library = library_of(model)
+        if num_labels is not None and num_labels != _num_outputs(model, library):
+            _reset_classifier(model, library, num_labels)
+    elif isinstance(name_or_model, str):
+        if is_timm_name(name_or_model) and not name_or_model.startswith("timm/"):
+            import timm
+
+            kwargs = dict(model_kwargs)
+            if num_labels is not None:
+                kwargs["num_classes"] = num_labels
+            model = timm.create_model(name_or_model, pretrained=pretrained, **kwargs)
+            library = "timm"
+        else:
+            model = _create_transformers(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+            library = "transformers"
+    else:
+        raise CGCTypeError(
+            f"name_or_model must be a model name, a local directory or an nn.Module; got "
+            f"{type(name_or_model).__name__}."
+        )
+    if library == "transformers" and id2label is not None:
+        model.config.id2label = dict(id2label)
+        model.config.label2id = {v: k for k, v in id2label.items()}
+    if library == "timm":
+        arch = model.pretrained_cfg.get("architecture") or type(model).__name__
+        cfg = {
+            "model_name": arch,
+            "num_classes": model.num_classes,
+            "model_kwargs": model_kwargs,
+            "pretrained_cfg": _jsonable(dict(model.pretrained_cfg)),
+        }
+    else:
+        arch = type(model).__name__
+        cfg = model.config.to_dict()
+    return model, library, arch, cfg
+
+
+def rebuild_backbone(library: str, architecture: str, backbone_config: dict[str, Any]) -> nn.Module:
+    """Rebuild a backbone from its saved description, with random weights and no download."""
+    if library == "timm":
+        import timm
+
+        return timm.create_model(
+            backbone_config["model_name"],
+            pretrained=False,
+            num_classes=backbone_config["num_classes"],
+            pretrained_cfg_overlay=backbone_config.get("pretrained_cfg"),
+            **backbone_config.get("model_kwargs", {}),
+        )
+    import transformers
+
+    config_dict = dict(backbone_config)
+    model_type = config_dict.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    cls = getattr(transformers, architecture, None)
+    if cls is None:
+        raise CGCValueError(
+            f"architecture {architecture!r} is not a transformers model class in this version "
+            f"({transformers.__version__}); upgrade transformers."
+        )
+    return cls._from_config(config, attn_implementation="eager")
+
+
+def data_config_of(model: nn.Module, library: str, source: str | None) -> dict[str, Any]:
+    """Input size, mean, std and interpolation the backbone expects (never hard-coded per run)."""
+    if library == "timm":
+        import timm.data
+
+        cfg = dict(timm.data.resolve_model_data_config(model))
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None and not getattr(model.patch_embed, "dynamic_img_size", False):
+            cfg["input_size"] = (3, *tuple(img_size))  # models built with img_size=...
+        return _jsonable(cfg)
+    cfg: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
+    size = getattr(model.config, "image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if source is not None:
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(source)
+            cfg["mean"] = tuple(proc.image_mean)
+            cfg["std"] = tuple(proc.image_std)
+            s = proc.size
+            if isinstance(s, dict):
+                side = s.get("shortest_edge") or s.get("height")
+                size = (s.get("height", side), s.get("width", side))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # no processor saved with the model: ImageNet statistics at the config's size
+    cfg["input_size"] = (3, *size)
+    return _jsonable(cfg)
+
+
+def _create_transformers(
+    name: str,
+    num_labels: int | None,
+    id2label: dict[int, str] | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any],
+) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    kwargs: dict[str, Any] = dict(model_kwargs)
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if id2label is not None:
+        kwargs["id2label"] = dict(id2label)
+        kwargs["label2id"] = {v: k for k, v in id2label.items()}
+    try:
+        if not pretrained:
+            config = AutoConfig.from_pretrained(name, **kwargs)
+            return AutoModelForImageClassification.from_config(config, attn_implementation="eager")
+        return AutoModelForImageClassification.from_pretrained(
+            name, ignore_mismatched_sizes=num_labels is not None, attn_implementation="eager",
+            use_safetensors=True, **kwargs
+        )
+    except OSError as err:
+        import timm
+
+        hint = close_matches(name, timm.list_models(), n=3)
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise CGCValueError(
+            f"name_or_model {name!r} is neither a timm model name nor a loadable transformers "
+            f"model (transformers {transformers.__version__} said: {str(err).splitlines()[0]})."
+            f"{hint} {'HF_HUB_OFFLINE=1 is set, so Hub ids need a cached copy. ' if offline else ''}"
+            "Use a timm name such as 'resnet50', 'hf-hub:timm/<repo>', or a transformers Hub id "
+            "/ local directory."
+        ) from None
+    except ValueError as err:
+        raise CGCValueError(
+            f"name_or_model {name!r} is not an image classifier: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def _num_outputs(model: nn.Module, library: str) -> int:
+    return model.num_classes if library == "timm" else model.config.num_labels
+
+
+def _reset_classifier(model: nn.Module, library: str, num_labels: int) -> None:
+    if library == "timm":
+        model.reset_classifier(num_labels)
+        return
+    old = model.config.num_labels
+    heads = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == old
+    ]
+    if not heads:
+        raise CGCValueError(
+            f"cannot find the classifier of {type(model).__name__} to resize it to num_labels="
+            f"{num_labels}; build the model with num_labels={num_labels} instead."
+        )
+    for name, lin in heads:  # e.g. DeiT with teacher has two heads
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        new = nn.Linear(lin.in_features, num_labels, bias=lin.bias is not None)
+        setattr(parent, name.rpartition(".")[2], new.to(lin.weight.device, lin.weight.dtype))
+    model.config.num_labels = num_labels
+
+
+def _jsonable(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {str(k): _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, (str, int, float, bool)) or d is None:
+        return d
+    if isinstance(d, torch.dtype):
+        return str(d)
+    return str(d)

@@ -1,0 +1,292 @@
+"""CGCModel: any timm / transformers image classifier, trained to give consistent Grad-CAMs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .augment import CropFlip, sample_crop_flip, warp
+from .backbones import (
+    create_backbone,
+    data_config_of,
+    disable_fused_attention,
+    logits_of,
+    rebuild_backbone,
+)
+from .cam import class_scores, combine, linear_head_cam
+from .config import CGCConfig
+from .errors import CGCValueError
+from .loss import CGCLoss
+from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of an unlabeled row (Hugging Face convention)
+
+
+class CGCModel(nn.Module):
+    """An image classifier whose forward adds the Contrastive Grad-CAM Consistency loss.
+
+    Pillai et al., "Consistent Explanations by Contrastive Learning", CVPR 2022. In training mode
+    the forward builds a random crop/flip view of each image, computes differentiable Grad-CAM
+    heatmaps for both views on the class predicted for the original, and returns
+    ``loss = CE(labeled rows) + cgc_lambda * InfoNCE(heatmap(T x), T heatmap(x))``.
+    In eval mode it is the plain classifier. Attributes it does not have come from the backbone.
+
+    Example:
+        >>> model = CGCModel.from_backbone("resnet18", num_labels=10, pretrained=False)
+        >>> out = model(torch.randn(4, 3, 224, 224), labels=torch.tensor([1, 2, -100, 3]))
+        >>> out["loss"].backward()  # CE on 3 labeled rows + CGC on all 4
+        >>> heatmaps = model.explain(torch.randn(2, 3, 224, 224))  # (2, 7, 7)
+
+    Args:
+        config: a :class:`CGCConfig` (or its dict) that describes the method and the backbone.
+        backbone: the classifier instance; when omitted it is rebuilt from ``config`` with random
+            weights and no download (as loading a saved model does).
+    """
+
+    def __init__(self, config: CGCConfig | dict[str, Any], backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        config = CGCConfig.from_dict(config) if isinstance(config, dict) else config
+        if config.library is None or config.backbone_config is None:
+            raise CGCValueError(
+                "config describes no backbone (library / backbone_config unset); build the model "
+                "with CGCModel.from_backbone(name_or_model, ...) instead."
+            )
+        if backbone is None:
+            backbone = rebuild_backbone(config.library, config.architecture, config.backbone_config)
+        disable_fused_attention(backbone, config.library)
+        self.backbone = backbone
+        self.config = config
+        self.loss_fn = CGCLoss(config.temperature)
+        if config.data_config is None:
+            config.data_config = data_config_of(backbone, config.library, None)
+        if config.target is None:
+            config.target = self._resolve_target(config.target_layer).to_dict()
+        self.target = TargetLayer.from_dict(config.target)
+        self._warned_single = False
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_model: str | nn.Module,
+        num_labels: int | None = None,
+        id2label: dict[int, str] | None = None,
+        pretrained: bool = True,
+        target_layer: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        **cgc_options: Any,
+    ) -> CGCModel:
+        """Wrap a timm / transformers classifier given by name, directory or instance.
+
+        Args:
+            name_or_model: timm name (``"resnet50"``, ``"hf-hub:timm/..."``), transformers Hub id
+                or local directory, or an instance of either library's classifier.
+            num_labels: number of classes; the classifier is replaced when it differs.
+            id2label: class names, ``{index: name}``.
+            pretrained: load pretrained weights (ignored for instances).
+            target_layer: module name to explain instead of the automatic choice.
+            model_kwargs: extra keyword arguments for ``timm.create_model`` or the transformers
+                config (e.g. ``img_size``, ``depth`` for small test models).
+            **cgc_options: :class:`CGCConfig` method fields (``cgc_lambda``, ``temperature``...).
+        """
+        if id2label is not None and num_labels is None:
+            num_labels = len(id2label)
+        backbone, library, arch, bcfg = create_backbone(
+            name_or_model, num_labels, id2label, pretrained, model_kwargs
+        )
+        source = name_or_model if isinstance(name_or_model, str) else None
+        num = backbone.num_classes if library == "timm" else backbone.config.num_labels
+        if id2label is None and library == "transformers":
+            id2label = {int(k): v for k, v in backbone.config.id2label.items()}
+        config = CGCConfig(
+            library=library,
+            architecture=arch,
+            backbone_config=bcfg,
+            num_labels=num,
+            id2label=id2label,
+            target_layer=target_layer,
+            data_config=data_config_of(backbone, library, source),
+            **cgc_options,
+        )
+        return cls(config, backbone=backbone)
+
+    def _resolve_target(self, name: str | None) -> TargetLayer:
+        size = tuple(self.config.data_config["input_size"][-2:])
+        param = next(self.backbone.parameters())
+        example = torch.randn(2, 3, *size, device=param.device)
+        return resolve_target(
+            self.backbone,
+            self._logits,
+            example,
+            name=name,
+            layout_hint=getattr(self.backbone, "output_fmt", None),
+            prefix_hint=getattr(self.backbone, "num_prefix_tokens", None),
+        )
+
+    def set_target_layer(self, name: str | None) -> TargetLayer:
+        """Explain ``name`` (a module path) from now on; ``None`` restores the automatic choice."""
+        self.target = self._resolve_target(name)
+        self.config.target_layer = name
+        self.config.target = self.target.to_dict()
+        return self.target
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "backbone":
+                raise
+            return getattr(self.backbone, name)
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.config.num_labels)
+
+    # ------------------------------------------------------------------------------ forward
+    def _logits(self, pixel_values: Tensor) -> Tensor:
+        return logits_of(self.backbone, self.config.library, pixel_values)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        labels: Tensor | None = None,
+        geometry: CropFlip | None = None,
+    ) -> dict[str, Tensor]:
+        """Classify, and in training mode add the CGC term.
+
+        Args:
+            pixel_values: normalised images ``(B, 3, H, W)``.
+            labels: class per row ``(B,)``; ``-100`` marks an unlabeled row (CGC only).
+            geometry: the crop/flip of each row's CGC view; sampled when omitted.
+
+        Returns:
+            dict with ``logits`` ``(B, K)``, and when a loss is computed ``loss``, ``loss_ce``,
+            ``loss_cgc`` (scalars). In eval mode (or with ``cgc_lambda=0``) only the original
+            view is used and ``loss`` is the cross-entropy of labeled rows.
+        """
+        if labels is not None:
+            self._check_labels(labels, pixel_values.shape[0])
+        if not self.training or self.config.cgc_lambda == 0:
+            logits = self._logits(pixel_values)  # (B, K)
+            out = {"logits": logits}
+            if labels is not None:
+                out["loss_ce"] = out["loss"] = self._ce(logits, labels)
+                out["loss_cgc"] = logits.new_zeros(())
+            return out
+        cfg = self.config
+        b, _, h, w = pixel_values.shape
+        if geometry is None:
+            geometry = sample_crop_flip(
+                b, cfg.crop_scale, cfg.crop_ratio, cfg.flip_prob, w / h, pixel_values.device
+            )
+        x_aug = warp(pixel_values, geometry.to(pixel_values.device))  # (B, 3, H, W)
+        # One pass over both views keeps a single forward/backward for DDP and FSDP.
+        with capture(self.backbone, self.target.name) as cap:
+            logits_all = self._logits(torch.cat([pixel_values, x_aug]))  # (2B, K)
+        logits, logits_aug = logits_all.split(b)  # (B, K) each
+        classes = logits.detach().argmax(1)  # (B,) the paper explains the predicted class
+        if cfg.cam_target == "label" and labels is not None:
+            classes = torch.where(labels >= 0, labels, classes)
+        cams = self._heatmaps(
+            cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), create_graph=True
+        )  # (2B, h', w')
+        cam, cam_aug = cams.split(b)
+        size = (cfg.compare_size, cfg.compare_size)
+        cam_pos = warp(cam, geometry.to(cam.device), size)  # (B, S, S) T(heatmap(x))
+        cam_aug = F.interpolate(cam_aug[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+        loss_cgc = self._cgc(cam_aug, cam_pos)
+        if labels is None:
+            loss_ce = logits.sum() * 0.0
+        elif cfg.ce_on_augmented:
+            loss_ce = self._ce(logits_all, torch.cat([labels, labels]))
+        else:
+            loss_ce = self._ce(logits, labels)
+        loss = loss_ce + cfg.cgc_lambda * loss_cgc
+        return {"loss": loss, "logits": logits, "loss_ce": loss_ce, "loss_cgc": loss_cgc}
+
+    def _cgc(self, cam_aug: Tensor, cam_pos: Tensor) -> Tensor:
+        if cam_aug.shape[0] < 2 and self.loss_fn.gather is None:
+            if not self._warned_single:
+                logger.warning(
+                    "batch of 1: InfoNCE needs other images as negatives, so the CGC term is 0 "
+                    "for this batch; use a per-device batch size of at least 2."
+                )
+                self._warned_single = True
+            return cam_aug.sum() * 0.0
+        return self.loss_fn(cam_aug, cam_pos)
+
+    @staticmethod
+    def _ce(logits: Tensor, labels: Tensor) -> Tensor:
+        labeled = labels != IGNORE_INDEX
+        if not bool(labeled.any()):
+            return logits.sum() * 0.0  # keeps the graph connected, finite
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+    def _check_labels(self, labels: Tensor, batch: int) -> None:
+        if labels.shape != (batch,):
+            raise CGCValueError(
+                f"labels must have shape ({batch},) to match pixel_values; got {tuple(labels.shape)}."
+            )
+        bad = (labels >= self.num_labels) | ((labels < 0) & (labels != IGNORE_INDEX))
+        if bool(bad.any()):
+            raise CGCValueError(
+                f"labels must be in [0, {self.num_labels - 1}] or {IGNORE_INDEX} (unlabeled); got "
+                f"{labels[bad][:5].tolist()}. Check the dataset's label column and num_labels."
+            )
+
+    def _heatmaps(
+        self,
+        activations: Tensor,
+        logits: Tensor,
+        classes: Tensor,
+        image_size: tuple[int, int],
+        create_graph: bool,
+    ) -> Tensor:
+        """Heatmaps ``(B, h, w)`` from the captured layer output and the logits of the same pass."""
+        feats = to_nchw(activations, self.target, image_size)  # (B, C, h, w)
+        if self.target.linear_head is not None:
+            weight = get_module(self.backbone, self.target.linear_head).weight  # (K, C)
+            return linear_head_cam(feats.float(), weight.float(), classes)
+        (grads,) = torch.autograd.grad(
+            class_scores(logits, classes), activations, create_graph=create_graph
+        )
+        grads = to_nchw(grads, self.target, image_size)  # (B, C, h, w)
+        return combine(feats.float(), grads.float(), self.config.cam_method)
+
+    # ------------------------------------------------------------------------------ explain
+    def explain(
+        self,
+        pixel_values: Tensor,
+        classes: Tensor | None = None,
+        size: int | tuple[int, int] | None = None,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """Grad-CAM heatmaps for the predicted (or given) classes, in the model's current mode.
+
+        Args:
+            pixel_values: images ``(B, 3, H, W)``.
+            classes: class per row ``(B,)``; the predicted class when omitted.
+            size: resize heatmaps (bilinear) to this ``(h, w)`` or side; layer grid when omitted.
+            create_graph: keep the graph, so the heatmaps can be differentiated further.
+
+        Returns:
+            Non-negative heatmaps ``(B, h, w)``.
+        """
+        with torch.enable_grad(), capture(self.backbone, self.target.name, make_leaf=True) as cap:
+            logits = self._logits(pixel_values)  # (B, K)
+            if classes is None:
+                classes = logits.detach().argmax(1)
+            cams = self._heatmaps(
+                cap.tensor, logits, classes.to(logits.device), tuple(pixel_values.shape[-2:]),
+                create_graph,
+            )  # (B, h, w)
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            cams = F.interpolate(cams[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+        return cams if create_graph else cams.detach()

@@ -1,0 +1,357 @@
+"""Where Grad-CAM looks: resolve the target layer of any timm / transformers classifier.
+
+Resolution is structural, not a table of attribute paths that change between library versions:
+one probe forward records every module's output in execution order, one backward measures which
+of them receive gradient from the class score, and the last spatial map (or token sequence whose
+tokens form a grid) that does is the target. Class-token ViTs, whose last-block patch tokens get
+no gradient, thus resolve to the last block's first norm; Swin (NHWC) and DINOv2 to their last
+stage. A user may name any module instead; it is checked the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TargetLayerError, close_matches
+
+LAYOUTS = ("NCHW", "NHWC", "NLC")
+_MAX_PREFIX = 16  # class, distillation and register tokens together never exceed this
+
+
+@dataclass(frozen=True)
+class TargetLayer:
+    """Description of a Grad-CAM target layer.
+
+    Attributes:
+        name: module path inside the backbone, as in ``named_modules()``.
+        layout: layout of the module's output: ``"NCHW"``, ``"NHWC"`` or ``"NLC"`` (tokens).
+        num_prefix_tokens: leading non-patch tokens (class, distillation, registers) for NLC.
+        linear_head: name of the classifier ``nn.Linear`` when the head is exactly
+            global-average-pool + linear over this layer, which allows the closed-form CAM.
+    """
+
+    name: str
+    layout: str = "NCHW"
+    num_prefix_tokens: int = 0
+    linear_head: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TargetLayer:
+        return cls(**d)
+
+
+def to_nchw(t: Tensor, target: TargetLayer, image_size: tuple[int, int]) -> Tensor:
+    """Convert a target-layer tensor (activation or gradient) to ``(B, C, h, w)``.
+
+    For tokens, prefix tokens are dropped and the grid is derived from the number of patch
+    tokens and the input's aspect ratio, so any input resolution works.
+
+    Args:
+        t: the module output in ``target.layout``.
+        target: the layer description.
+        image_size: ``(H, W)`` of the input images.
+
+    Returns:
+        Tensor of shape ``(B, C, h, w)``.
+    """
+    if target.layout == "NCHW":
+        return t
+    if target.layout == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    tokens = t[:, target.num_prefix_tokens :]  # (B, n, C)
+    gh, gw = token_grid(tokens.shape[1], image_size)
+    if gh * gw != tokens.shape[1]:
+        raise TargetLayerError(
+            f"target layer {target.name!r} has {tokens.shape[1]} patch tokens, which do not form "
+            f"a grid for an input of size {image_size}; pass target_layer= a layer whose tokens do."
+        )
+    return tokens.reshape(t.shape[0], gh, gw, t.shape[2]).permute(0, 3, 1, 2)  # (B, C, gh, gw)
+
+
+def token_grid(n: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Grid ``(h, w)`` of ``n`` patch tokens for an image of ``image_size`` (same aspect)."""
+    height, width = image_size
+    gh = max(1, round(math.sqrt(n * height / width)))
+    return gh, max(1, n // gh)
+
+
+class Capture:
+    """Holds the output of a module during a forward pass (see :func:`capture`)."""
+
+    tensor: Tensor | None = None
+
+
+@contextmanager
+def capture(
+    backbone: nn.Module, name: str, make_leaf: bool = False
+) -> Iterator[Capture]:
+    """Record the output tensor of module ``name`` while the block runs; the hook is removed after.
+
+    Args:
+        backbone: the model.
+        name: module path.
+        make_leaf: if the output does not require grad (frozen weights, inference mode), replace
+            it by a leaf that does, so heatmaps can still be computed.
+    """
+    module = get_module(backbone, name)
+    store = Capture()
+
+    def hook(_m: nn.Module, _inp: Any, out: Any) -> Any:
+        tensor, rest = _split_output(out)
+        if tensor is None:
+            raise TargetLayerError(
+                f"target layer {name!r} returned {type(out).__name__}, not a tensor; choose a "
+                "module that outputs a feature map or token sequence."
+            )
+        if make_leaf and not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_(True)
+            out = tensor if rest is None else (tensor, *rest)
+        store.tensor = tensor
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def get_module(backbone: nn.Module, name: str) -> nn.Module:
+    """Return the submodule ``name``, or raise with the closest valid names."""
+    modules = dict(backbone.named_modules())
+    if name not in modules or name == "":
+        raise TargetLayerError(
+            f"target_layer {name!r} is not a module of {type(backbone).__name__}."
+            f"{close_matches(name, modules)} List names with model.named_modules()."
+        )
+    return modules[name]
+
+
+def _split_output(out: Any) -> tuple[Tensor | None, tuple | None]:
+    if isinstance(out, Tensor):
+        return out, None
+    if isinstance(out, tuple) and out and isinstance(out[0], Tensor):
+        return out[0], tuple(out[1:])
+    return None, None
+
+
+@dataclass
+class _Record:
+    name: str
+    module: nn.Module
+    tensor: Tensor
+    order: int
+
+
+def resolve_target(
+    backbone: nn.Module,
+    logits_fn: Callable[[Tensor], Tensor],
+    example: Tensor,
+    name: str | None = None,
+    layout_hint: str | None = None,
+    prefix_hint: int | None = None,
+) -> TargetLayer:
+    """Find (or check) the Grad-CAM target layer of a classifier with one probe pass.
+
+    Runs in the backbone's current train/eval mode is left unchanged on return; the probe itself
+    runs in eval mode so BatchNorm statistics are not touched.
+
+    Args:
+        backbone: the classifier.
+        logits_fn: maps images to logits ``(B, K)`` through ``backbone``.
+        example: a probe batch ``(B, 3, H, W)`` at a size the model accepts.
+        name: module to use instead of the automatic choice; it is validated.
+        layout_hint: layout to prefer when a 4-d shape is ambiguous (e.g. timm ``output_fmt``).
+        prefix_hint: known number of prefix tokens (timm ``num_prefix_tokens``).
+
+    Returns:
+        The :class:`TargetLayer`.
+
+    Raises:
+        TargetLayerError: unknown name, non-spatial output, or zero gradient from the class score.
+    """
+    if name is not None:
+        get_module(backbone, name)  # fail early with close matches
+    records: list[_Record] = []
+    handles = []
+    for mod_name, module in backbone.named_modules():
+        if mod_name == "":
+            continue
+
+        def hook(m: nn.Module, _i: Any, out: Any, mod_name: str = mod_name) -> None:
+            tensor, _ = _split_output(out)
+            if tensor is not None and tensor.requires_grad and tensor.is_floating_point():
+                records.append(_Record(mod_name, m, tensor, len(records)))
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.enable_grad():
+            logits = logits_fn(example)
+            classes = logits.argmax(1)
+            candidates = _spatial_candidates(
+                records, tuple(example.shape[-2:]), layout_hint, prefix_hint
+            )
+            if name is not None and name not in {rec.name for rec, _ in candidates}:
+                raise TargetLayerError(
+                    f"target_layer {name!r} outputs shape {_shape_of(records, name)}, which is not "
+                    "a spatial map (B, C, h, w) / (B, h, w, C) or a token grid (B, L, C)."
+                    f"{_suggest(candidates)}"
+                )
+            if not candidates:
+                raise TargetLayerError(
+                    f"no module of {type(backbone).__name__} outputs a spatial feature map or a "
+                    "token grid; Grad-CAM needs one. Pass target_layer= explicitly."
+                )
+            score = logits.gather(1, classes[:, None]).sum()
+            grads = torch.autograd.grad(
+                score, [rec.tensor for rec, _ in candidates], allow_unused=True
+            )
+            alive = [
+                (rec, target)
+                for (rec, target), grad in zip(candidates, grads)
+                if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
+            ]
+            if name is not None:
+                chosen = [(rec, target) for rec, target in alive if rec.name == name]
+                if not chosen:
+                    hint = f" Use target_layer={alive[0][0].name!r} instead." if alive else ""
+                    raise TargetLayerError(
+                        f"target_layer {name!r} receives zero gradient from the class score (as "
+                        f"the patch tokens of a class-token ViT's last block do), so its heatmap "
+                        f"is empty.{hint}"
+                    )
+                alive = chosen
+            if not alive:
+                raise TargetLayerError(
+                    f"no spatial layer of {type(backbone).__name__} receives gradient from the "
+                    "class score; pass target_layer= explicitly."
+                )
+            rec, target = alive[0]
+            return _with_linear_head(target, rec, records, logits, example)
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+
+
+def _suggest(candidates: list[tuple[_Record, TargetLayer]]) -> str:
+    names = [c[0].name for c in candidates[:3]]
+    return f" Spatial layers near the output: {names}." if names else ""
+
+
+def _shape_of(records: list[_Record], name: str) -> str:
+    for r in records:
+        if r.name == name:
+            return str(tuple(r.tensor.shape))
+    return "(no tensor)"
+
+
+def _patch_part(grad: Tensor, target: TargetLayer) -> Tensor:
+    return grad[:, target.num_prefix_tokens :] if target.layout == "NLC" else grad
+
+
+def _spatial_candidates(
+    records: list[_Record],
+    image_size: tuple[int, int],
+    layout_hint: str | None,
+    prefix_hint: int | None,
+) -> list[tuple[_Record, TargetLayer]]:
+    """Records that look like feature maps / token grids, last executed first.
+
+    Only layers with the same channel count as the last such layer are kept, which skips
+    attention internals (qkv, attention maps, MLP hidden) that are not feature maps.
+    """
+    out: list[tuple[_Record, TargetLayer]] = []
+    channels = None
+    seen: set[str] = set()
+    for rec in reversed(records):
+        if rec.name in seen:  # a module called twice: keep its last call
+            continue
+        seen.add(rec.name)
+        target = _describe(rec, image_size, layout_hint, prefix_hint)
+        if target is None:
+            continue
+        c = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
+        channels = c if channels is None else channels
+        if c == channels:
+            out.append((rec, target))
+    return out
+
+
+def _describe(
+    rec: _Record, image_size: tuple[int, int], layout_hint: str | None, prefix_hint: int | None
+) -> TargetLayer | None:
+    shape = tuple(rec.tensor.shape)
+    height, width = image_size
+    aspect = height / width
+    if len(shape) == 4:
+        nchw = shape[2] > 1 and shape[3] > 1 and math.isclose(shape[2] / shape[3], aspect, rel_tol=0.25)
+        nhwc = shape[1] > 1 and shape[2] > 1 and math.isclose(shape[1] / shape[2], aspect, rel_tol=0.25)
+        if nchw and nhwc:
+            layout = layout_hint if layout_hint in ("NCHW", "NHWC") else "NCHW"
+        elif nchw or nhwc:
+            layout = "NCHW" if nchw else "NHWC"
+        else:
+            return None
+        spatial = shape[2:] if layout == "NCHW" else shape[1:3]
+        if spatial[0] > height or spatial[1] > width:
+            return None
+        return TargetLayer(rec.name, layout)
+    if len(shape) == 3 and shape[2] > 1:
+        prefixes = [prefix_hint] if prefix_hint is not None else range(_MAX_PREFIX + 1)
+        for p in prefixes:
+            n = shape[1] - p
+            if n < 4 or n > height * width:
+                continue
+            gh, gw = token_grid(n, image_size)
+            if gh * gw == n and gh > 1 and gw > 1 and math.isclose(gh / gw, aspect, rel_tol=0.25):
+                return TargetLayer(rec.name, "NLC", p)
+    return None
+
+
+def _with_linear_head(
+    target: TargetLayer,
+    rec: _Record,
+    records: list[_Record],
+    logits: Tensor,
+    example: Tensor,
+) -> TargetLayer:
+    """Mark ``linear_head`` when the head after ``rec`` is exactly mean-pool + one Linear.
+
+    Structural test (nothing with parameters runs between the layer and the Linear) plus a
+    numerical one (the closed form reproduces the logits), both on the probe pass.
+    """
+    after = [r for r in records if r.order > rec.order and not rec.name.startswith(r.name + ".")]
+    linears = [r for r in after if isinstance(r.module, nn.Linear) and r.tensor.shape == logits.shape]
+    if not linears:
+        return target
+    head = linears[-1]
+    between = [
+        r for r in after
+        if r.order < head.order
+        and not head.name.startswith(r.name + ".")
+        and any(True for _ in r.module.parameters(recurse=True))
+    ]
+    if between:
+        return target
+    with torch.no_grad():
+        feats = to_nchw(rec.tensor, target, tuple(example.shape[-2:])).float()  # (B, C, h, w)
+        lin = head.module
+        ref = feats.mean((2, 3)) @ lin.weight.float().T
+        if lin.bias is not None:
+            ref = ref + lin.bias.float()
+        if not torch.allclose(ref, logits.float(), rtol=1e-4, atol=1e-5):
+            return target
+    return TargetLayer(target.name, target.layout, target.num_prefix_tokens, head.name)
