@@ -39,9 +39,10 @@ class CropFlip:
         Shape:
             ``(B, 2, 3)``
         """
-        x0, y0, x1, y1 = self.boxes.float().unbind(1)  # each (B,)
-        sign = 1.0 - 2.0 * self.flip.float()  # (B,) -1 mirrors the output horizontally
-        theta = torch.zeros(len(self), 2, 3, device=self.boxes.device)
+        boxes = self.boxes if self.boxes.is_floating_point() else self.boxes.float()
+        x0, y0, x1, y1 = boxes.unbind(1)  # each (B,)
+        sign = 1.0 - 2.0 * self.flip.to(boxes.dtype)  # (B,) -1 mirrors the output horizontally
+        theta = boxes.new_zeros(len(self), 2, 3)
         theta[:, 0, 0] = (x1 - x0) * sign
         theta[:, 0, 2] = x0 + x1 - 1.0  # crop centre in [-1, 1]
         theta[:, 1, 1] = y1 - y0
@@ -87,10 +88,12 @@ def sample_crop_flip(
     w = torch.sqrt(area * r / aspect)  # (B, K) fraction of image width
     h = torch.sqrt(area / r * aspect)  # (B, K) fraction of image height
     ok = (w <= 1) & (h <= 1)  # (B, K)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], -1, dtype=torch.long))
+    first = torch.where(
+        ok.any(1), ok.float().argmax(1), torch.full_like(ok[:, 0], -1, dtype=torch.long)
+    )
     # Fallback: the whole image trimmed to the allowed ratio range (as RandomResizedCrop does).
     fr = min(max(aspect, ratio[0]), ratio[1])
-    fw, fh = (1.0, aspect / fr) if aspect > fr else (fr / aspect, 1.0)
+    fw, fh = (1.0, aspect / fr) if fr > aspect else (fr / aspect, 1.0)
     idx = first.clamp(min=0)[:, None]  # (B, 1)
     w = torch.where(first >= 0, w.gather(1, idx)[:, 0], torch.full_like(w[:, 0], fw))  # (B,)
     h = torch.where(first >= 0, h.gather(1, idx)[:, 0], torch.full_like(h[:, 0], fh))  # (B,)

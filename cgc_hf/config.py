@@ -190,6 +190,8 @@ METHOD_FIELDS = (
 def _check(ok: bool, name: str, value: Any, allowed: Any) -> None:
     if not ok:
         allowed_text = (
-            f"one of {', '.join(repr(a) for a in allowed)}" if isinstance(allowed, tuple) else allowed
+            f"one of {', '.join(repr(a) for a in allowed)}"
+            if isinstance(allowed, tuple)
+            else allowed
         )
         raise CGCValueError(f"{name} must be {allowed_text}; got {value!r}.")

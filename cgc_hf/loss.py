@@ -20,7 +20,9 @@ def heatmap_embedding(heatmaps: Tensor, eps: float = 1e-12) -> Tensor:
     Shape:
         ``(B, H, W)`` -> ``(B, H * W)``
     """
-    flat = heatmaps.flatten(1).float()  # (B, HW)
+    flat = heatmaps.flatten(1)  # (B, HW)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # the sums below overflow or lose precision in half types
     flat = flat / (flat.sum(1, keepdim=True) + eps)  # distribution over pixels
     return F.normalize(flat, dim=1, eps=eps)  # (B, HW) unit norm (all-zero rows stay zero)
 

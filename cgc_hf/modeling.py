@@ -49,7 +49,9 @@ class CGCModel(nn.Module):
             weights and no download (as loading a saved model does).
     """
 
-    def __init__(self, config: CGCConfig | dict[str, Any], backbone: nn.Module | None = None) -> None:
+    def __init__(
+        self, config: CGCConfig | dict[str, Any], backbone: nn.Module | None = None
+    ) -> None:
         super().__init__()
         config = CGCConfig.from_dict(config) if isinstance(config, dict) else config
         if config.library is None or config.backbone_config is None:
@@ -231,7 +233,8 @@ class CGCModel(nn.Module):
     def _check_labels(self, labels: Tensor, batch: int) -> None:
         if labels.shape != (batch,):
             raise CGCValueError(
-                f"labels must have shape ({batch},) to match pixel_values; got {tuple(labels.shape)}."
+                f"labels must have shape ({batch},) to match pixel_values; "
+                f"got {tuple(labels.shape)}."
             )
         bad = (labels >= self.num_labels) | ((labels < 0) & (labels != IGNORE_INDEX))
         if bool(bad.any()):
@@ -283,7 +286,10 @@ class CGCModel(nn.Module):
             if classes is None:
                 classes = logits.detach().argmax(1)
             cams = self._heatmaps(
-                cap.tensor, logits, classes.to(logits.device), tuple(pixel_values.shape[-2:]),
+                cap.tensor,
+                logits,
+                classes.to(logits.device),
+                tuple(pixel_values.shape[-2:]),
                 create_graph,
             )  # (B, h, w)
         if size is not None:
