@@ -2,8 +2,17 @@
 
 from .augment import CropFlip, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
+from .card import model_card
 from .config import CGCConfig
-from .errors import CGCError, CGCTypeError, CGCValueError, DataError, TargetLayerError
+from .errors import (
+    CGCError,
+    CGCTypeError,
+    CGCValueError,
+    CheckpointError,
+    DataError,
+    TargetLayerError,
+)
+from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .modeling import CGCModel
 from .targets import TargetLayer, resolve_target
@@ -13,16 +22,19 @@ __version__ = "0.1.0"
 __all__ = [
     "CGCConfig",
     "CGCError",
+    "CGCHubMixin",
     "CGCLoss",
     "CGCModel",
     "CGCTypeError",
     "CGCValueError",
+    "CheckpointError",
     "CropFlip",
     "DataError",
     "TargetLayer",
     "TargetLayerError",
     "combine",
     "linear_head_cam",
+    "model_card",
     "resolve_target",
     "sample_crop_flip",
     "warp",

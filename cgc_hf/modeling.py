@@ -20,6 +20,7 @@ from .backbones import (
 from .cam import class_scores, combine, linear_head_cam
 from .config import CGCConfig
 from .errors import CGCValueError
+from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of an unlabeled row (Hugging Face convention)
 
 
-class CGCModel(nn.Module):
+class CGCModel(CGCHubMixin, nn.Module):
     """An image classifier whose forward adds the Contrastive Grad-CAM Consistency loss.
 
     Pillai et al., "Consistent Explanations by Contrastive Learning", CVPR 2022. In training mode

@@ -1,0 +1,624 @@
+"""Save, load and push CGC models the huggingface_hub way, and export the plain backbone.
+
+A saved model is a folder (or a Hub repository) with ``config.json`` (the :class:`CGCConfig`
+plus a format version), ``model.safetensors`` (the full state dict) and a ``README.md`` card.
+Loading rebuilds the architecture from the config with random weights, never downloading
+backbone weights, then loads the saved state strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import safetensors
+import safetensors.torch
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from torch import Tensor
+
+from .backbones import rebuild_backbone
+from .card import model_card
+from .config import CGCConfig
+from .errors import CGCValueError, CheckpointError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Layout version of ``config.json``; loading refuses files from a newer version."""
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+CARD_NAME = "README.md"
+_FORMAT_KEY = "cgc_hf_format_version"
+_VERSION_KEY = "cgc_hf_version"
+_LABEL2ID_KEY = "label2id"  # written for readers of the file; id2label is authoritative
+_RESERVED_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, CARD_NAME)
+# Files a previous export may hold; a folder with only these can be replaced by a new export.
+_EXPORT_NAMES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CARD_NAME,
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+
+M = TypeVar("M", bound="CGCHubMixin")
+
+
+class CGCHubMixin:
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` / ``export_backbone``.
+
+    Follows huggingface_hub conventions (safetensors weights, ``config.json``, a model card,
+    Hub ids or local folders, the Hub cache) with stricter loading than
+    ``PyTorchModelHubMixin``: every key must match, pickle is refused unless asked for, and
+    remote code is never run. Mixed into :class:`~cgc_hf.CGCModel`.
+
+    Example:
+        >>> model.save_pretrained("cgc-resnet50-cub", metrics={"accuracy": 0.81}, dataset="cub")
+        >>> same = CGCModel.from_pretrained("cgc-resnet50-cub")
+        >>> model.push_to_hub("me/cgc-resnet50-cub", private=True)
+        >>> model.export_backbone("resnet50-cub")  # timm.create_model("local-dir:resnet50-cub")
+    """
+
+    config: CGCConfig
+    backbone: nn.Module
+
+    # ------------------------------------------------------------------------------ save
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        metrics: dict[str, float] | None = None,
+        *,
+        base_model: str | None = None,
+        dataset: str | None = None,
+        label_setting: str | None = None,
+        figure: str | os.PathLike | None = None,
+        repo_id: str | None = None,
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card.
+
+        The folder is written under a temporary name and renamed into place, so it is never
+        left half-written; an existing earlier save in ``save_directory`` is replaced whole.
+
+        Args:
+            save_directory: folder to create (or an empty folder, or an earlier save).
+            metrics: evaluation results for the card, ``{name: value}``.
+            base_model: Hub id of the checkpoint that was fine-tuned, for the card.
+            dataset: dataset name or Hub id, for the card.
+            label_setting: labels used in training, e.g. ``"1% labels"``, for the card.
+            figure: image file of heatmaps; copied into the folder and shown in the card.
+            repo_id: Hub id to show in the card's usage snippet.
+
+        Returns:
+            The folder written.
+
+        Raises:
+            CheckpointError: when the saved description would not rebuild this architecture
+                (a timm instance built with constructor arguments cgc_hf did not see), or when
+                ``save_directory`` holds other files.
+        """
+        figure_path = _check_figure(figure)
+        self._check_rebuildable()
+        config_dict = _config_file_dict(self.config)
+        card = model_card(
+            self.config,
+            base_model=base_model,
+            dataset=dataset,
+            label_setting=label_setting,
+            metrics=metrics,
+            figure=figure_path,
+            repo_id=repo_id,
+        )
+
+        def write(folder: Path) -> None:
+            # save_model drops duplicate names of shared tensors, which save_file refuses.
+            safetensors.torch.save_model(
+                self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"}
+            )
+            (folder / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True))
+            if figure_path is not None:
+                shutil.copyfile(figure_path, folder / figure_path.name)
+            (folder / CARD_NAME).write_text(card, encoding="utf-8")
+
+        out = _write_atomically(Path(save_directory), write, _is_cgc_folder, "saved cgc_hf model")
+        logger.info("saved %s (%s) to %s", self.config.architecture, self.config.library, out)
+        return out
+
+    def _check_rebuildable(self) -> None:
+        """Rebuild the backbone from the config (on the meta device) and compare state dicts."""
+        cfg = self.config
+        try:
+            with torch.device("meta"):  # structure only: no memory, no initialisation cost
+                rebuilt = rebuild_backbone(cfg.library, cfg.architecture, cfg.backbone_config)
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+            raise CheckpointError(
+                f"config.backbone_config does not rebuild the {cfg.library} backbone "
+                f"{cfg.architecture!r} ({type(err).__name__}: {err}); saving it would give a "
+                f"folder that cannot be loaded. {_rebuild_hint(self.backbone, cfg)}"
+            ) from err
+        problems = _state_dict_diff(
+            {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()},
+            {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()},
+        )
+        if problems:
+            raise CheckpointError(
+                f"config.backbone_config rebuilds a different {cfg.library} architecture than "
+                f"the model's backbone {cfg.architecture!r} ({problems}), so the saved folder "
+                f"could not be loaded. {_rebuild_hint(self.backbone, cfg)}"
+            )
+
+    # ------------------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        repo_id_or_dir: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        allow_pickle: bool = False,
+        strict: bool = True,
+        device: str | torch.device = "cpu",
+        num_labels: int | None = None,
+        force_download: bool = False,
+    ) -> M:
+        """Load a model saved with :meth:`save_pretrained`, from a folder or a Hub repository.
+
+        The architecture is rebuilt from ``config.json`` with random weights (no backbone
+        download), then ``model.safetensors`` is loaded. A local folder never touches the
+        network; a Hub id goes through the Hub cache (``snapshot_download``). Like
+        transformers, the model is returned in eval mode; call ``.train()`` to fine-tune on.
+
+        Args:
+            repo_id_or_dir: local folder, or Hub id ``"org/name"``.
+            revision: branch, tag or commit of a Hub repository.
+            token: Hub token for private or gated repositories (never written or logged).
+            local_files_only: use only the local Hub cache; ``HF_HUB_OFFLINE=1`` does the same.
+            cache_dir: Hub cache folder (default: the huggingface_hub cache).
+            allow_pickle: accept a ``pytorch_model.bin`` when there is no ``model.safetensors``;
+                it is read with ``torch.load(weights_only=True)``. Only for trusted sources.
+            strict: every saved key must match the model (missing or unexpected keys raise);
+                with ``False`` they are logged as warnings. Shapes must always match.
+            device: where to put the loaded model.
+            num_labels: expected number of classes; a different saved value raises.
+            force_download: download again even when cached.
+
+        Returns:
+            The model, in eval mode, on ``device``.
+
+        Raises:
+            CheckpointError: the source is missing, not in the cache when offline, not a cgc_hf
+                model, holds only pickle weights without ``allow_pickle``, is corrupted, or
+                does not match the rebuilt architecture.
+        """
+        folder = _resolve_folder(
+            repo_id_or_dir,
+            revision=revision,
+            token=token,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+            allow_pickle=allow_pickle,
+            force_download=force_download,
+        )
+        config = _read_config(folder, num_labels)
+        state = _read_weights(folder, allow_pickle)
+        try:
+            model = cls(config)
+        except (TypeError, ValueError, RuntimeError, KeyError) as err:
+            raise CheckpointError(
+                f"cannot rebuild the {config.library} backbone {config.architecture!r} saved in "
+                f"{folder} ({type(err).__name__}: {err}). The file may need a newer "
+                f"{config.library}."
+            ) from err
+        _load_state(model, state, strict, folder)
+        model.to(device)
+        model.eval()  # documented: loaded models are for inference until .train() is called
+        return model
+
+    # ------------------------------------------------------------------------------ push
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload CGC model (cgc_hf)",
+        create_pr: bool = False,
+        revision: str | None = None,
+        metrics: dict[str, float] | None = None,
+        **card_kwargs: Any,
+    ) -> CommitInfo:
+        """Save to a temporary folder and upload it to ``repo_id`` in one commit.
+
+        Args:
+            repo_id: Hub id ``"org/name"``; the repository is created when missing.
+            private: visibility of a created repository (``None``: the account's default).
+            token: Hub token; passed to the client only, never written or logged.
+            commit_message: message of the upload commit.
+            create_pr: open a pull request instead of committing to the branch.
+            revision: branch to commit to (default ``main``).
+            metrics: evaluation results for the model card.
+            **card_kwargs: ``base_model``, ``dataset``, ``label_setting``, ``figure`` for the card.
+
+        Returns:
+            The commit information from ``HfApi.upload_folder`` (a string: the commit URL).
+        """
+        import tempfile
+
+        api = HfApi(token=token, library_name="cgc_hf")
+        url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_id = getattr(url, "repo_id", None) or repo_id
+        with tempfile.TemporaryDirectory(prefix="cgc_hf-push-") as tmp:
+            folder = self.save_pretrained(
+                Path(tmp) / "model", metrics=metrics, repo_id=repo_id, **card_kwargs
+            )
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        logger.info("pushed %s to the Hub repository %s", self.config.architecture, repo_id)
+        return info
+
+    # ------------------------------------------------------------------------------ export
+    def export_backbone(self, save_directory: str | os.PathLike) -> Path:
+        """Write the fine-tuned classifier in its own library's format, loadable without cgc_hf.
+
+        timm: ``config.json`` in timm's Hub format (architecture, ``num_classes``,
+        ``label_names``, ``model_args``, ``pretrained_cfg``) and ``model.safetensors``, written by
+        ``timm.models.save_for_hf``; load with
+        ``timm.create_model("local-dir:<dir>", pretrained=True)``.
+        transformers: ``backbone.save_pretrained``; load with
+        ``AutoModelForImageClassification.from_pretrained(<dir>)``.
+
+        Args:
+            save_directory: folder to create (or an empty folder, or an earlier export).
+
+        Returns:
+            The folder written.
+        """
+        backbone, cfg = self.backbone, self.config
+
+        def write(folder: Path) -> None:
+            if cfg.library == "timm":
+                from timm.models import save_for_hf
+
+                model_config = {}
+                if cfg.id2label:
+                    names = [cfg.id2label[k] for k in sorted(cfg.id2label)]
+                    dense = sorted(cfg.id2label) == list(range(len(names)))
+                    model_config["label_names"] = names if dense else dict(cfg.id2label)
+                save_for_hf(
+                    backbone, str(folder), model_config=model_config, safe_serialization=True
+                )
+            else:
+                backbone.save_pretrained(str(folder))
+
+        out = _write_atomically(Path(save_directory), write, _is_export_folder, "backbone export")
+        logger.info("exported the %s backbone %s to %s", cfg.library, cfg.architecture, out)
+        return out
+
+
+# ---------------------------------------------------------------------------------- writing
+def _config_file_dict(config: CGCConfig) -> dict[str, Any]:
+    from . import __version__  # the package is fully imported by the time a model is saved
+
+    d = config.to_dict()
+    d[_FORMAT_KEY] = FORMAT_VERSION
+    d[_VERSION_KEY] = __version__
+    if config.id2label is not None:
+        d[_LABEL2ID_KEY] = {name: int(i) for i, name in config.id2label.items()}
+    return d
+
+
+def _check_figure(figure: str | os.PathLike | None) -> Path | None:
+    if figure is None:
+        return None
+    path = Path(figure)
+    if not path.is_file():
+        raise CGCValueError(f"figure must be an existing image file; got {str(figure)!r}.")
+    if path.name in _RESERVED_NAMES:
+        raise CGCValueError(
+            f"figure must not be named {path.name!r} (a file of the saved model); rename it, "
+            "e.g. to 'heatmaps.png'."
+        )
+    return path
+
+
+def _write_atomically(
+    dest: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool], what: str
+) -> Path:
+    """Run ``write`` into a sibling temporary folder, then rename it to ``dest``."""
+    dest = dest.expanduser()
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"save_directory {str(dest)!r} is a file; give a folder path.")
+    if dest.is_dir() and any(dest.iterdir()) and not replaceable(dest):
+        names = sorted(p.name for p in dest.iterdir())[:8]
+        raise CheckpointError(
+            f"save_directory {str(dest)!r} already holds files that are not a {what} "
+            f"({names}); saving replaces the folder whole, so give a new or empty folder."
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
+    tmp.mkdir()  # plain mkdir (not mkdtemp) so the folder gets the user's usual permissions
+    try:
+        try:
+            write(tmp)
+        except OSError as err:
+            raise CheckpointError(f"could not write {what} to {str(dest)!r}: {err}") from err
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{tag}"
+            os.rename(dest, old)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                os.rename(old, dest)  # put the earlier save back
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def _is_cgc_folder(folder: Path) -> bool:
+    try:
+        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and _FORMAT_KEY in raw
+
+
+def _is_export_folder(folder: Path) -> bool:
+    return all(
+        p.is_file() and (p.name in _EXPORT_NAMES or p.name.startswith("model-"))
+        for p in folder.iterdir()
+    )
+
+
+def _rebuild_hint(backbone: nn.Module, config: CGCConfig) -> str:
+    if config.library != "timm":
+        return (
+            "Build the model with CGCModel.from_backbone(<Hub id or folder>, ...) or from a "
+            "transformers config so its config describes the architecture."
+        )
+    recorded = ""
+    try:
+        from timm.models import get_model_args
+
+        args = {k: v for k, v in get_model_args(backbone).items() if k != "num_classes"}
+        recorded = f" timm recorded these constructor arguments for the instance: {args}."
+    except (ImportError, TypeError, ValueError):
+        pass  # older timm: no record of the arguments; the generic advice below still holds
+    return (
+        "A timm model passed as an instance hides its constructor arguments; build it with "
+        f"CGCModel.from_backbone({config.architecture!r}, model_kwargs={{...}}, ...) so they "
+        f"are recorded.{recorded}"
+    )
+
+
+# ---------------------------------------------------------------------------------- reading
+def _offline_env() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later setting counts.
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _resolve_folder(
+    repo_id_or_dir: str | os.PathLike,
+    *,
+    revision: str | None,
+    token: str | bool | None,
+    local_files_only: bool,
+    cache_dir: str | os.PathLike | None,
+    allow_pickle: bool,
+    force_download: bool,
+) -> Path:
+    """The local folder of a saved model: the folder itself, or a Hub snapshot in the cache."""
+    path = Path(repo_id_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(
+            f"repo_id_or_dir {str(repo_id_or_dir)!r} is a file; give the folder that holds "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}."
+        )
+    repo_id = str(repo_id_or_dir)
+    offline = local_files_only or _offline_env()
+    patterns = [CONFIG_NAME, WEIGHTS_NAME] + ([PICKLE_WEIGHTS_NAME] if allow_pickle else [])
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=offline,
+            force_download=force_download,
+            allow_patterns=patterns,
+            library_name="cgc_hf",
+        )
+    except HFValidationError:
+        raise CheckpointError(
+            f"repo_id_or_dir {repo_id!r} is neither an existing local folder nor a Hub repo id "
+            "('org/name'); check the path."
+        ) from None
+    except LocalEntryNotFoundError:
+        why = (
+            "local_files_only=True / HF_HUB_OFFLINE=1 forbid downloading"
+            if offline
+            else "the Hub could not be reached"
+        )
+        raise CheckpointError(
+            f"{repo_id!r}{at} is not in the local cache; {why}. Download it once with network "
+            f"access (`hf download {repo_id}`), pass the cache_dir= that holds it, or pass a local "
+            "folder written by save_pretrained."
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"Hub repository {repo_id!r} has no revision {revision!r}.") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"Hub repository {repo_id!r} was not found (a private or gated repository needs "
+            "token=...); check the id."
+        ) from None
+    except HfHubHTTPError as err:
+        raise CheckpointError(
+            f"downloading {repo_id!r}{at} from the Hub failed: {str(err).splitlines()[0]}"
+        ) from None
+    return Path(folder)
+
+
+def _read_config(folder: Path, num_labels: int | None) -> CGCConfig:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} has no {CONFIG_NAME}, so it is not a model saved by cgc_hf "
+            "save_pretrained."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {str(path)!r}: {err}") from None
+    if not isinstance(raw, dict) or _FORMAT_KEY not in raw:
+        raise CheckpointError(
+            f"{str(path)!r} is not a cgc_hf config (no {_FORMAT_KEY!r}). A plain timm or "
+            "transformers model is wrapped with CGCModel.from_backbone(<folder or Hub id>)."
+        )
+    version = raw.pop(_FORMAT_KEY)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} has format version {version!r}; this cgc_hf reads versions up to "
+            f"{FORMAT_VERSION}. Upgrade cgc_hf."
+        )
+    raw.pop(_VERSION_KEY, None)
+    raw.pop(_LABEL2ID_KEY, None)
+    try:
+        config = CGCConfig.from_dict(raw)
+    except (CGCValueError, TypeError) as err:
+        raise CheckpointError(f"{str(path)!r} holds an invalid CGCConfig: {err}") from None
+    if config.library is None or config.backbone_config is None:
+        raise CheckpointError(f"{str(path)!r} describes no backbone (library / backbone_config).")
+    if num_labels is not None and num_labels != config.num_labels:
+        raise CheckpointError(
+            f"num_labels={num_labels} was requested but the model in {str(folder)!r} has "
+            f"num_labels={config.num_labels}. Load it without num_labels, then give it a new "
+            f"head with CGCModel.from_backbone(model.backbone, num_labels={num_labels})."
+        )
+    return config
+
+
+def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
+    safe, pickled = folder / WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
+    if safe.is_file():
+        try:
+            return safetensors.torch.load_file(str(safe), device="cpu")
+        except (safetensors.SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"{str(safe)!r} is corrupted or truncated ({err}); save or download it again."
+            ) from None
+    if pickled.is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{str(folder)!r} holds only pickle weights ({PICKLE_WEIGHTS_NAME}), and "
+                "unpickling can run code, so cgc_hf refuses it. If you trust the source, pass "
+                "allow_pickle=True (read with torch.load(weights_only=True)); then "
+                f"save_pretrained writes {WEIGHTS_NAME}."
+            )
+        try:
+            state = torch.load(str(pickled), map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            raise CheckpointError(
+                f"cannot read {str(pickled)!r} with torch.load(weights_only=True): "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{str(pickled)!r} does not hold a flat state dict of tensors.")
+        return state
+    raise CheckpointError(f"{str(folder)!r} has no {WEIGHTS_NAME}.")
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, folder: Path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not _alias_loaded(k, expected, state)]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: saved {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if mismatched:
+        raise CheckpointError(
+            f"the weights in {str(folder)!r} do not fit the rebuilt architecture; "
+            f"shape mismatches: {_listing(mismatched)}."
+        )
+    if missing or unexpected:
+        text = (
+            f"the weights in {str(folder)!r} do not match the rebuilt "
+            f"{type(model).__name__}: missing keys {_listing(missing)}; "
+            f"unexpected keys {_listing(unexpected)}"
+        )
+        if strict:
+            raise CheckpointError(text + ". Pass strict=False only if you know why they differ.")
+        logger.warning("%s (strict=False: loading the rest).", text)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def _alias_loaded(key: str, expected: dict[str, Tensor], state: dict[str, Tensor]) -> bool:
+    """Whether ``key`` shares its storage with a key that was saved (tied weights saved once)."""
+    t = expected[key]
+    return any(
+        other in state
+        and other != key
+        and v.data_ptr() == t.data_ptr()
+        and v.shape == t.shape
+        and v.device == t.device
+        for other, v in expected.items()
+    )
+
+
+def _state_dict_diff(have: dict[str, tuple], rebuilt: dict[str, tuple]) -> str:
+    only_have = [k for k in have if k not in rebuilt]
+    only_rebuilt = [k for k in rebuilt if k not in have]
+    shapes = [
+        f"{k}: {have[k]} vs {rebuilt[k]}" for k in have if k in rebuilt and have[k] != rebuilt[k]
+    ]
+    parts = []
+    if only_have:
+        parts.append(f"keys only in the model: {_listing(only_have)}")
+    if only_rebuilt:
+        parts.append(f"keys only in the rebuilt backbone: {_listing(only_rebuilt)}")
+    if shapes:
+        parts.append(f"shapes model vs rebuilt: {_listing(shapes)}")
+    return "; ".join(parts)
+
+
+def _listing(items: list[str], n: int = 8) -> str:
+    if not items:
+        return "none"
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
