@@ -1,0 +1,250 @@
+"""What CGC costs: step time and peak memory against cross-entropy on the same two views.
+
+Three training steps are timed on the same model, batch, resolution and precision, interleaved in
+one process (median of several steps after warm-up):
+
+* ``ce2``: cross-entropy on the original and the augmented batch (the two views CGC also uses);
+* ``cgc``: :class:`cgc_hf.CGCModel`'s forward (both views in one pass, heatmaps on the layer grid,
+  closed form for global-average-pool + linear heads, comparison at ``compare_size``);
+* ``naive``: the cost profile of the paper's reference implementation, written here from its
+  description: three forward passes (a separate CE crop, the original, the augmented view),
+  heatmaps by autograd upsampled to input size, warped per sample in a Python loop, and InfoNCE
+  at input resolution.
+
+Peak memory is measured per mode in a fresh subprocess: on CUDA ``max_memory_allocated``; on CPU
+the growth of peak resident memory over the resident memory before the first step.
+
+Usage:
+    python benchmarks/cost.py                      # resnet50 and vit_small at 224 px, batch 8
+    python benchmarks/cost.py --models resnet18 --image_size 64 --steps 3   # a quick look
+    python benchmarks/cost.py --batch_sizes 8 16 32 --modes cgc             # throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cgc_hf import CGCLoss, CGCModel, combine, sample_crop_flip, warp
+from cgc_hf.targets import capture, to_nchw
+
+MODES = ("ce2", "cgc", "naive")
+
+
+def build(name: str, image_size: int, device: str) -> CGCModel:
+    kwargs = {"img_size": image_size} if "vit" in name or "swin" in name else {}
+    model = CGCModel.from_backbone(name, num_labels=200, pretrained=False, model_kwargs=kwargs)
+    return model.to(device).train()
+
+
+def step_ce2(model: CGCModel, x, labels, t) -> torch.Tensor:
+    x_aug = warp(x, t)
+    logits = model._logits(torch.cat([x, x_aug]))  # (2B, K)
+    return F.cross_entropy(logits, torch.cat([labels, labels]))
+
+
+def step_cgc(model: CGCModel, x, labels, t) -> torch.Tensor:
+    return model(x, labels=labels, geometry=t)["loss"]
+
+
+def _loop_warp(maps: torch.Tensor, t, size: int) -> torch.Tensor:
+    """Per-sample crop, resize and flip, one Python iteration per image (reference style)."""
+    out = []
+    h, w = maps.shape[-2:]
+    for i in range(maps.shape[0]):
+        x0, y0, x1, y1 = t.boxes[i].tolist()
+        crop = maps[
+            i : i + 1,
+            :,
+            int(y0 * h) : max(int(y1 * h), int(y0 * h) + 1),
+            int(x0 * w) : max(int(x1 * w), int(x0 * w) + 1),
+        ]
+        crop = F.interpolate(crop, (size, size), mode="bilinear", align_corners=False)
+        out.append(crop.flip(-1) if bool(t.flip[i]) else crop)
+    return torch.cat(out)
+
+
+def step_naive(model: CGCModel, x, labels, t) -> torch.Tensor:
+    size = x.shape[-1]
+    cfg = model.config
+    t_ce = sample_crop_flip(x.shape[0], cfg.crop_scale, cfg.crop_ratio, 0.5, device=x.device)
+    x_ce = _loop_warp(x, t_ce, size)
+    x_aug = _loop_warp(x, t, size)
+    loss = F.cross_entropy(model._logits(x_ce), labels)
+
+    def view(inp):
+        with capture(model.backbone, model.target.name) as cap:
+            logits = model._logits(inp)
+        classes = logits.detach().argmax(1)
+        (g,) = torch.autograd.grad(
+            logits.gather(1, classes[:, None]).sum(), cap.tensor, create_graph=True
+        )
+        feats = to_nchw(cap.tensor, model.target, (size, size))
+        cam = combine(feats, to_nchw(g, model.target, (size, size)), "grad_x_act")
+        cam = F.interpolate(cam[:, None], (size, size), mode="bilinear", align_corners=False)
+        return logits, cam
+
+    logits, cam = view(x)
+    logits_aug, cam_aug = view(x_aug)
+    cam_pos = _loop_warp(cam, t, size)[:, 0]
+    loss = loss + F.cross_entropy(logits, labels) + F.cross_entropy(logits_aug, labels)
+    return loss + cfg.cgc_lambda * CGCLoss(cfg.temperature)(cam_aug[:, 0], cam_pos)
+
+
+STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive}
+
+
+def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+        labels = torch.randint(0, 200, (batch,), generator=g).to(device)
+        t = sample_crop_flip(batch, generator=g).to(device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = STEPS[mode](model, x, labels, t)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if timings is not None:
+            timings.append(time.perf_counter() - start)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(args) -> None:
+    """Run one mode in this (fresh) process and print its peak memory in MiB as JSON."""
+    torch.manual_seed(0)
+    model = build(args.models[0], args.image_size, args.device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    dtype = getattr(torch, args.dtype)
+    # The baseline is taken before any step: CPU allocators keep freed memory, so a warm-up
+    # step would hide the peak it reached.
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    run_steps(
+        model, args.modes[0], args.batch_sizes[0], args.image_size, args.device, 3, dtype, opt
+    )
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_mib": peak / 2**20}))
+
+
+def measure_memory(args, name: str, mode: str, batch: int) -> float:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory_child",
+        "--models",
+        name,
+        "--modes",
+        mode,
+        "--batch_sizes",
+        str(batch),
+        "--image_size",
+        str(args.image_size),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[8])
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 1 warm-up)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no_memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory_child:
+        return memory_child(args)
+    dtype = getattr(torch, args.dtype)
+    results = []
+    print(
+        f"device={args.device} dtype={args.dtype} image_size={args.image_size} "
+        f"threads={torch.get_num_threads()} steps={args.steps} (median after 1 warm-up)"
+    )
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build(name, args.image_size, args.device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for batch in args.batch_sizes:
+            times = {m: [] for m in args.modes}
+            for m in args.modes:  # warm-up
+                run_steps(model, m, batch, args.image_size, args.device, 1, dtype, opt)
+            for _ in range(args.steps):  # interleaved, so drifts in machine load hit all modes
+                for m in args.modes:
+                    run_steps(
+                        model, m, batch, args.image_size, args.device, 1, dtype, opt, times[m]
+                    )
+            row = {
+                "model": name,
+                "batch": batch,
+                "target": model.target.name,
+                "closed_form": model.target.linear_head is not None,
+            }
+            for m in args.modes:
+                med = statistics.median(times[m])
+                row[f"{m}_s"] = med
+                row[f"{m}_img_per_s"] = batch / med
+                if not args.no_memory:
+                    row[f"{m}_peak_mib"] = measure_memory(args, name, m, batch)
+            results.append(row)
+            print(_format(row, args.modes), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def _format(row: dict, modes: list[str]) -> str:
+    parts = [
+        f"{row['model']} b={row['batch']} layer={row['target']}"
+        f"{' (closed form)' if row['closed_form'] else ''}"
+    ]
+    for m in modes:
+        s = f"{m}: {row[f'{m}_s']:.3f}s {row[f'{m}_img_per_s']:.1f} img/s"
+        if f"{m}_peak_mib" in row:
+            s += f" {row[f'{m}_peak_mib']:.0f} MiB"
+        parts.append(s)
+    if "ce2" in modes and "cgc" in modes:
+        parts.append(f"cgc/ce2 time {row['cgc_s'] / row['ce2_s']:.2f}x")
+        if "cgc_peak_mib" in row:
+            parts.append(f"memory {row['cgc_peak_mib'] / row['ce2_peak_mib']:.2f}x")
+    if "naive" in modes and "cgc" in modes:
+        parts.append(f"speed-up over naive {row['naive_s'] / row['cgc_s']:.2f}x")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
