@@ -75,7 +75,7 @@ def main() -> None:
     print(f"{'size':>5} {'loss':>8} {'rel. change':>11} {'grad cosine':>11} {'time ms':>8}")
     for size in args.sizes:
 
-        def compare():
+        def compare(size: int = size) -> torch.Tensor:
             pos = warp(cam, t, size)
             aug = F.interpolate(
                 cam_aug[:, None], (size, size), mode="bilinear", align_corners=False
