@@ -12,10 +12,11 @@ from .errors import CGCTypeError, CGCValueError, close_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_OFFLINE_HINT = "HF_HUB_OFFLINE=1 is set, so Hub ids need a cached copy. "
 
 
 def library_of(model: nn.Module) -> str:
-    """``"transformers"`` for a ``PreTrainedModel``, ``"timm"`` for anything else with a timm head."""
+    """``"transformers"`` for a ``PreTrainedModel``, ``"timm"`` for anything with a timm head."""
     try:
         from transformers import PreTrainedModel
 
@@ -50,11 +51,12 @@ def disable_fused_attention(model: nn.Module, library: str) -> None:
 
 
 def is_timm_name(name: str) -> bool:
+    """Whether ``name`` is a registered timm architecture or a timm Hub / local-dir reference."""
     import timm
 
-    return name.startswith(("hf-hub:", "local-dir:", "timm/")) and not os.path.isdir(name) or (
-        timm.is_model(name)
-    )
+    if timm.is_model(name):
+        return True
+    return name.startswith(("hf-hub:", "local-dir:", "timm/")) and not os.path.isdir(name)
 
 
 def create_backbone(
@@ -83,10 +85,16 @@ def create_backbone(
             kwargs = dict(model_kwargs)
             if num_labels is not None:
                 kwargs["num_classes"] = num_labels
+            if "img_size" in kwargs and "pretrained_cfg_overlay" not in kwargs:
+                # pretrained_cfg keeps the registry's input size otherwise, and models without a
+                # patch_embed (LeViT, MLP-Mixer's stem) would be probed and fed at the wrong size.
+                kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *_pair(kwargs["img_size"]))}
             model = timm.create_model(name_or_model, pretrained=pretrained, **kwargs)
             library = "timm"
         else:
-            model = _create_transformers(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+            model = _create_transformers(
+                name_or_model, num_labels, id2label, pretrained, model_kwargs
+            )
             library = "transformers"
     else:
         raise CGCTypeError(
@@ -142,10 +150,13 @@ def data_config_of(model: nn.Module, library: str, source: str | None) -> dict[s
         import timm.data
 
         cfg = dict(timm.data.resolve_model_data_config(model))
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size is not None and not getattr(model.patch_embed, "dynamic_img_size", False):
-            cfg["input_size"] = (3, *tuple(img_size))  # models built with img_size=...
+        img_size = _fixed_img_size(model)
+        if img_size is not None:
+            cfg["input_size"] = (3, *img_size)  # models built with img_size=...
         return _jsonable(cfg)
+    timm_model = getattr(model, "timm_model", None)
+    if source is None and isinstance(timm_model, nn.Module):
+        return data_config_of(timm_model, "timm", None)  # timm_wrapper: timm's own data config
     cfg: dict[str, Any] = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
     size = getattr(model.config, "image_size", 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -164,6 +175,22 @@ def data_config_of(model: nn.Module, library: str, source: str | None) -> dict[s
             pass  # no processor saved with the model: ImageNet statistics at the config's size
     cfg["input_size"] = (3, *size)
     return _jsonable(cfg)
+
+
+def _fixed_img_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a timm model was built for, when its patch embedding fixes one."""
+    for owner in (getattr(model, "patch_embed", None), getattr(model, "stem", None), model):
+        img_size = getattr(owner, "img_size", None)
+        if img_size is None or not isinstance(img_size, (int, tuple, list)):
+            continue
+        if getattr(owner, "dynamic_img_size", False) or not getattr(owner, "strict_img_size", True):
+            return None  # any input size works: keep the pretrained resolution
+        return _pair(img_size)
+    return None
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _create_transformers(
@@ -187,8 +214,11 @@ def _create_transformers(
             config = AutoConfig.from_pretrained(name, **kwargs)
             return AutoModelForImageClassification.from_config(config, attn_implementation="eager")
         return AutoModelForImageClassification.from_pretrained(
-            name, ignore_mismatched_sizes=num_labels is not None, attn_implementation="eager",
-            use_safetensors=True, **kwargs
+            name,
+            ignore_mismatched_sizes=num_labels is not None,
+            attn_implementation="eager",
+            use_safetensors=True,
+            **kwargs,
         )
     except OSError as err:
         import timm
@@ -198,7 +228,7 @@ def _create_transformers(
         raise CGCValueError(
             f"name_or_model {name!r} is neither a timm model name nor a loadable transformers "
             f"model (transformers {transformers.__version__} said: {str(err).splitlines()[0]})."
-            f"{hint} {'HF_HUB_OFFLINE=1 is set, so Hub ids need a cached copy. ' if offline else ''}"
+            f"{hint} {_OFFLINE_HINT if offline else ''}"
             "Use a timm name such as 'resnet50', 'hf-hub:timm/<repo>', or a transformers Hub id "
             "/ local directory."
         ) from None
@@ -218,7 +248,9 @@ def _reset_classifier(model: nn.Module, library: str, num_labels: int) -> None:
         return
     old = model.config.num_labels
     heads = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == old
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == old
     ]
     if not heads:
         raise CGCValueError(

@@ -92,9 +92,7 @@ class Capture:
 
 
 @contextmanager
-def capture(
-    backbone: nn.Module, name: str, make_leaf: bool = False
-) -> Iterator[Capture]:
+def capture(backbone: nn.Module, name: str, make_leaf: bool = False) -> Iterator[Capture]:
     """Record the output tensor of module ``name`` while the block runs; the hook is removed after.
 
     Args:
@@ -197,7 +195,7 @@ def resolve_target(
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _nonzero_linears(backbone):
             logits = logits_fn(example)
             classes = logits.argmax(1)
             candidates = _spatial_candidates(
@@ -223,6 +221,10 @@ def resolve_target(
                 for (rec, target), grad in zip(candidates, grads)
                 if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
             ]
+            # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block,
+            # not the block's output: HF ViT's last v_proj would otherwise win over the last
+            # block's norm in a class-token ViT. Keep such layers only as a last resort.
+            alive.sort(key=lambda c: isinstance(c[0].module, nn.Linear))
             if name is not None:
                 chosen = [(rec, target) for rec, target in alive if rec.name == name]
                 if not chosen:
@@ -244,6 +246,31 @@ def resolve_target(
         for h in handles:
             h.remove()
         backbone.train(was_training)
+
+
+@contextmanager
+def _nonzero_linears(backbone: nn.Module) -> Iterator[None]:
+    """Give all-zero ``nn.Linear`` weights random values for the probe, then zero them again.
+
+    Zero-initialised classifiers (timm's MLP-Mixer, heads created for new labels) pass no
+    gradient at all, so without this no layer would look alive; the structure of the gradient
+    flow, which is all the probe measures, does not depend on the values.
+    """
+    zeroed = [
+        m.weight
+        for m in backbone.modules()
+        if isinstance(m, nn.Linear) and m.weight.numel() > 0 and not bool(m.weight.any())
+    ]
+    generator = torch.Generator(device="cpu").manual_seed(0)  # leaves the global RNG alone
+    with torch.no_grad():
+        for w in zeroed:
+            w.copy_(torch.randn(w.shape, generator=generator).mul_(0.02))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w in zeroed:
+                w.zero_()
 
 
 def _suggest(candidates: list[tuple[_Record, TargetLayer]]) -> str:
@@ -297,8 +324,16 @@ def _describe(
     height, width = image_size
     aspect = height / width
     if len(shape) == 4:
-        nchw = shape[2] > 1 and shape[3] > 1 and math.isclose(shape[2] / shape[3], aspect, rel_tol=0.25)
-        nhwc = shape[1] > 1 and shape[2] > 1 and math.isclose(shape[1] / shape[2], aspect, rel_tol=0.25)
+        nchw = (
+            shape[2] > 1
+            and shape[3] > 1
+            and math.isclose(shape[2] / shape[3], aspect, rel_tol=0.25)
+        )
+        nhwc = (
+            shape[1] > 1
+            and shape[2] > 1
+            and math.isclose(shape[1] / shape[2], aspect, rel_tol=0.25)
+        )
         if nchw and nhwc:
             layout = layout_hint if layout_hint in ("NCHW", "NHWC") else "NCHW"
         elif nchw or nhwc:
@@ -310,14 +345,21 @@ def _describe(
             return None
         return TargetLayer(rec.name, layout)
     if len(shape) == 3 and shape[2] > 1:
+        # Without a hint, several prefix counts can leave a grid (HF DINOv2 with 4 registers and
+        # 16 patches: 21 - 1 = 20 = 4 x 5 too); the grid closest to the image's aspect, then the
+        # fewest prefix tokens, is the right one.
         prefixes = [prefix_hint] if prefix_hint is not None else range(_MAX_PREFIX + 1)
+        best: tuple[float, int] | None = None
         for p in prefixes:
             n = shape[1] - p
             if n < 4 or n > height * width:
                 continue
             gh, gw = token_grid(n, image_size)
-            if gh * gw == n and gh > 1 and gw > 1 and math.isclose(gh / gw, aspect, rel_tol=0.25):
-                return TargetLayer(rec.name, "NLC", p)
+            error = abs(gh / gw - aspect) / aspect
+            if gh * gw == n and gh > 1 and gw > 1 and error <= 0.25:
+                best = min(best, (error, p)) if best is not None else (error, p)
+        if best is not None:
+            return TargetLayer(rec.name, "NLC", best[1])
     return None
 
 
@@ -334,12 +376,18 @@ def _with_linear_head(
     numerical one (the closed form reproduces the logits), both on the probe pass.
     """
     after = [r for r in records if r.order > rec.order and not rec.name.startswith(r.name + ".")]
-    linears = [r for r in after if isinstance(r.module, nn.Linear) and r.tensor.shape == logits.shape]
+    linears = [
+        r for r in after if isinstance(r.module, nn.Linear) and r.tensor.shape == logits.shape
+    ]
     if not linears:
         return target
     head = linears[-1]
+    channels = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
+    if head.module.in_features != channels:  # e.g. DINOv2 concatenates class and mean tokens
+        return target
     between = [
-        r for r in after
+        r
+        for r in after
         if r.order < head.order
         and not head.name.startswith(r.name + ".")
         and any(True for _ in r.module.parameters(recurse=True))
