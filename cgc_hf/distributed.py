@@ -1,0 +1,48 @@
+"""Cross-process gather of heatmap embeddings, so InfoNCE keeps every process's negatives.
+
+With ``P`` processes each holding ``b`` rows, process ``p`` computes the CGC loss of its own rows
+against the rows of all processes. The gather is differentiable: its backward sums, for each
+process's rows, the gradients that every process's loss sends to them. The sum of the per-process
+losses therefore has the gradient of ``P`` times the full-batch loss, and DDP's averaging of
+parameter gradients over processes gives exactly the single-process full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def all_gather_rows(z: Tensor) -> tuple[Tensor, int]:
+    """Concatenate the rows of ``z`` from every process, keeping the gradient path to each.
+
+    Processes may hold different numbers of rows (a short last batch): rows are padded to the
+    largest count for the collective and the padding is dropped again.
+
+    Args:
+        z: this process's rows, e.g. heatmap embeddings.
+
+    Returns:
+        ``(all_rows, offset)``: the rows of processes ``0..P-1`` in rank order, and the index of
+        this process's first row among them. Without an initialised process group, ``(z, 0)``.
+
+    Shape:
+        z: ``(b, D)``; all_rows: ``(N, D)`` with ``N`` the sum of ``b`` over processes.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    count = torch.tensor([z.shape[0]], device=z.device)  # (1,)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)  # sizes only: no gradient needed
+    sizes = [int(c.item()) for c in counts]
+    pad = max(sizes) - z.shape[0]
+    padded = F.pad(z, (0, 0, 0, pad)) if pad else z  # (max_b, D)
+    parts = all_gather(padded)  # P tensors (max_b, D); backward reduce-scatters the gradients
+    rows = torch.cat([p[:n] for p, n in zip(parts, sizes)])  # (N, D)
+    return rows, sum(sizes[:rank])
