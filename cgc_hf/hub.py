@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import uuid
 from collections.abc import Callable
@@ -331,6 +332,14 @@ def _config_file_dict(config: CGCConfig) -> dict[str, Any]:
     d[_VERSION_KEY] = __version__
     if config.id2label is not None:
         d[_LABEL2ID_KEY] = {name: int(i) for i, name in config.id2label.items()}
+    try:
+        json.dumps(d)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"the model's config cannot be written as JSON ({err}); model_kwargs and other "
+            "config values must be plain numbers, strings, lists or dicts (e.g. a layer name "
+            "string instead of a layer class)."
+        ) from None
     return d
 
 
@@ -551,7 +560,7 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
             )
         try:
             state = torch.load(str(pickled), map_location="cpu", weights_only=True)
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
             raise CheckpointError(
                 f"cannot read {str(pickled)!r} with torch.load(weights_only=True): "
                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
