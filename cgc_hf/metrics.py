@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from .augment import sample_crop_flip, warp
 from .errors import CGCValueError
+from .modeling import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of an unlabeled row (Hugging Face convention)
 DELETION_BASELINES = ("zeros", "blur")
 
 
