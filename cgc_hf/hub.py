@@ -414,21 +414,25 @@ def _is_export_folder(folder: Path) -> bool:
 def _rebuild_hint(backbone: nn.Module, config: CGCConfig) -> str:
     if config.library != "timm":
         return (
-            "Build the model with CGCModel.from_backbone(<Hub id or folder>, ...) or from a "
-            "transformers config so its config describes the architecture."
+            "transformers backbones are rebuilt from model.config: either the backbone was "
+            "changed after it was built, or cgc_hf.backbones.rebuild_backbone does not handle "
+            f"{config.architecture} (please report it). export_backbone(dir) still saves the "
+            "classifier in transformers' own format."
         )
-    recorded = ""
+    kwargs = "{...}"
     try:
-        from timm.models import get_model_args
+        from timm.models import get_model_args  # records constructor arguments (recent timm)
 
         args = {k: v for k, v in get_model_args(backbone).items() if k != "num_classes"}
-        recorded = f" timm recorded these constructor arguments for the instance: {args}."
-    except (ImportError, TypeError, ValueError):
-        pass  # older timm: no record of the arguments; the generic advice below still holds
+        kwargs = repr(args)
+    except ImportError:
+        pass  # older timm keeps no record; the user knows the arguments they passed
     return (
-        "A timm model passed as an instance hides its constructor arguments; build it with "
-        f"CGCModel.from_backbone({config.architecture!r}, model_kwargs={{...}}, ...) so they "
-        f"are recorded.{recorded}"
+        "timm models passed as an instance, or created from a 'local-dir:' / 'hf-hub:' name, "
+        "carry constructor arguments cgc_hf does not see. Build the model with "
+        f"CGCModel.from_backbone({config.architecture!r}, model_kwargs={kwargs}, "
+        "pretrained=False, ...) so they are recorded, then copy the weights in with "
+        "model.backbone.load_state_dict(<your backbone>.state_dict())."
     )
 
 

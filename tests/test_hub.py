@@ -194,6 +194,27 @@ def test_timm_instance_with_hidden_constructor_args_is_refused(tmp_path: Path) -
         model.save_pretrained(tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
+    # The advice in the message works: record the arguments, copy the weights in.
+    kwargs = {k: v for k, v in timm.models.get_model_args(backbone).items() if k != "num_classes"}
+    rebuilt = CGCModel.from_backbone("resnet18", 3, pretrained=False, model_kwargs=kwargs)
+    rebuilt.backbone.load_state_dict(trained_like(model).backbone.state_dict())
+    rebuilt.eval().save_pretrained(tmp_path / "m")
+    x = images()
+    assert torch.equal(logits(CGCModel.from_pretrained(tmp_path / "m"), x), logits(model, x))
+
+
+def test_never_writes_a_folder_that_cannot_be_loaded(tmp_path: Path) -> None:
+    """A backbone from a timm 'local-dir:' export: either it round-trips or saving refuses."""
+    export = trained_like(timm_vit()).export_backbone(tmp_path / "plain")
+    model = CGCModel.from_backbone(f"local-dir:{export}").eval()
+    try:
+        model.save_pretrained(tmp_path / "m")
+    except CheckpointError as err:
+        assert "model_kwargs=" in str(err) and not (tmp_path / "m").exists()
+        return
+    x = images()
+    assert torch.equal(logits(CGCModel.from_pretrained(tmp_path / "m"), x), logits(model, x))
+
 
 def test_timm_instance_with_default_args_round_trips(tmp_path: Path) -> None:
     model = trained_like(CGCModel.from_backbone(timm.create_model("test_resnet", num_classes=3)))
