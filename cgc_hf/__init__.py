@@ -4,6 +4,20 @@ from .augment import CropFlip, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
 from .config import CGCConfig
+from .data import (
+    DATASETS,
+    CGCDataset,
+    DatasetSpec,
+    Splits,
+    box_to_mask,
+    build_transform,
+    collate,
+    load_split,
+    load_splits,
+    save_split,
+    split_labeled,
+    to_rgb,
+)
 from .errors import (
     CGCError,
     CGCTypeError,
@@ -24,24 +38,35 @@ from .metrics import (
     zero_heatmaps,
 )
 from .modeling import CGCModel
+from .synthetic import make_synthetic
 from .targets import TargetLayer, resolve_target
+from .trainer import CGCTrainer, TrainingArguments, latest_checkpoint, set_seed
 from .visualize import denormalize, explanation_figure, heatmap_grid, overlay
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CGCConfig",
+    "CGCDataset",
     "CGCError",
     "CGCHubMixin",
     "CGCLoss",
     "CGCModel",
+    "CGCTrainer",
     "CGCTypeError",
     "CGCValueError",
     "CheckpointError",
     "CropFlip",
+    "DATASETS",
     "DataError",
+    "DatasetSpec",
+    "Splits",
     "TargetLayer",
     "TargetLayerError",
+    "TrainingArguments",
+    "box_to_mask",
+    "build_transform",
+    "collate",
     "combine",
     "consistency",
     "content_heatmap",
@@ -51,12 +76,20 @@ __all__ = [
     "heatmap_grid",
     "heatmap_to_image_size",
     "insertion_deletion",
+    "latest_checkpoint",
     "linear_head_cam",
+    "load_split",
+    "load_splits",
+    "make_synthetic",
     "model_card",
     "overlay",
     "pointing_game",
     "resolve_target",
     "sample_crop_flip",
+    "save_split",
+    "set_seed",
+    "split_labeled",
+    "to_rgb",
     "warp",
     "zero_heatmaps",
 ]
