@@ -199,7 +199,7 @@ def resolve_target(
             logits = logits_fn(example)
             classes = logits.argmax(1)
             candidates = _spatial_candidates(
-                records, tuple(example.shape[-2:]), layout_hint, prefix_hint
+                records, tuple(example.shape[-2:]), layout_hint, prefix_hint, keep=name
             )
             if name is not None and name not in {rec.name for rec, _ in candidates}:
                 raise TargetLayerError(
@@ -294,11 +294,13 @@ def _spatial_candidates(
     image_size: tuple[int, int],
     layout_hint: str | None,
     prefix_hint: int | None,
+    keep: str | None = None,
 ) -> list[tuple[_Record, TargetLayer]]:
     """Records that look like feature maps / token grids, last executed first.
 
     Only layers with the same channel count as the last such layer are kept, which skips
-    attention internals (qkv, attention maps, MLP hidden) that are not feature maps.
+    attention internals (qkv, attention maps, MLP hidden) that are not feature maps. The layer
+    named ``keep`` (the user's choice, e.g. an earlier, narrower stage) is kept whatever its width.
     """
     out: list[tuple[_Record, TargetLayer]] = []
     channels = None
@@ -312,7 +314,7 @@ def _spatial_candidates(
             continue
         c = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
         channels = c if channels is None else channels
-        if c == channels:
+        if c == channels or rec.name == keep:
             out.append((rec, target))
     return out
 
