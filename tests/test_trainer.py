@@ -1,0 +1,361 @@
+"""CGCTrainer: argument checks, data wiring, non-finite steps, output dirs, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from cgc_hf import CGCError, CGCModel, CGCValueError
+from cgc_hf.trainer import (
+    COMPLETE,
+    CGCTrainer,
+    EpochSampler,
+    TrainingArguments,
+    complete_checkpoints,
+    latest_checkpoint,
+)
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Each trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+class Tiny(torch.utils.data.Dataset):
+    """Random images whose first pixel encodes the item id; a random flip from the global RNGs."""
+
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        offset: int = 0,
+        mask: bool = False,
+        nan_ids: tuple[int, ...] = (),
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, SIZE, SIZE, generator=g)
+        self.x[:, 0, 0, 0] = torch.arange(n) + offset  # id, unchanged by a horizontal flip
+        self.x[:, 0, 0, -1] = torch.arange(n) + offset
+        for i in nan_ids:
+            self.x[i, 1] = float("nan")
+        self.y = torch.arange(n) % 3
+        self.mask = mask
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.x[i]
+        if torch.rand(()) < 0.5 and random.random() < 0.9:  # augmentation from two RNGs
+            x = x.flip(-1)
+        item = {"pixel_values": x, "labels": self.y[i]}
+        if self.mask:
+            m = torch.zeros(SIZE, SIZE)
+            m[8:24, 8:24] = 1
+            item["mask"] = m
+        return item
+
+
+def tiny_model(seed: int = 0, **cgc) -> CGCModel:
+    torch.manual_seed(seed)
+    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, **cgc)
+    model.config.data_config["input_size"] = [3, SIZE, SIZE]
+    return model
+
+
+def args_for(tmp_path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        logging_steps=1,
+        figure_images=0,
+        seed=3,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+# ---------------------------------------------------------------------------------- arguments
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("per_device_train_batch_size", 0),
+        ("learning_rate", 0.0),
+        ("head_learning_rate", -1.0),
+        ("optim", "adam"),
+        ("lr_scheduler_type", "polynomial-ish"),
+        ("mixed_precision", "fp8"),
+        ("gradient_accumulation_steps", 0),
+        ("warmup_ratio", 1.5),
+        ("checkpointing_steps", "sometimes"),
+        ("report_to", "no-such-tracker"),
+        ("max_nonfinite_steps", 0),
+        ("eval_insertion_steps", -1),
+    ],
+)
+def test_bad_argument_names_argument_and_value(tmp_path, name, value):
+    with pytest.raises(CGCValueError) as err:
+        TrainingArguments(output_dir=str(tmp_path), **{name: value})
+    assert name in str(err.value) and repr(value) in str(err.value)
+
+
+def test_argument_defaults_and_conversions(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        checkpointing_steps="7",
+        max_grad_norm=0,
+    )
+    assert args.unlabeled_batch_size == 8  # defaults to the train batch size
+    assert args.checkpointing_steps == 7  # a CLI string becomes a step count
+    assert args.max_grad_norm is None  # 0 disables clipping
+    assert args.trackers is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 works on a GPU")
+def test_fp16_on_cpu_says_what_works(tmp_path):
+    with pytest.raises(CGCValueError, match="bf16"):
+        TrainingArguments(output_dir=str(tmp_path), mixed_precision="fp16")
+
+
+def test_resume_and_overwrite_together_refused(tmp_path):
+    with pytest.raises(CGCValueError, match="resume_from_checkpoint"):
+        TrainingArguments(
+            output_dir=str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint="latest"
+        )
+
+
+def test_batch_size_one_refused_for_cgc_only(tmp_path):
+    args = args_for(tmp_path, per_device_train_batch_size=1)
+    with pytest.raises(CGCValueError, match="per_device_train_batch_size=1"):
+        CGCTrainer(tiny_model(), args, Tiny(4))
+    CGCTrainer(tiny_model(cgc_lambda=0.0), args, Tiny(4))  # plain fine-tuning: fine
+    CGCTrainer(tiny_model(), args, Tiny(4), unlabeled_dataset=Tiny(4))  # negatives from pool
+
+
+def test_head_learning_rate_and_decay_groups(tmp_path):
+    model = tiny_model()
+    args = args_for(tmp_path, learning_rate=1e-3, head_learning_rate=5e-2, weight_decay=0.1)
+    trainer = CGCTrainer(model, args, Tiny(8))
+    head = {id(p) for p in model.backbone.fc.parameters()}
+    seen = 0
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            seen += 1
+            assert group["initial_lr"] == (5e-2 if id(p) in head else 1e-3)
+            assert group["weight_decay"] == (0.1 if p.ndim > 1 else 0.0)
+    assert seen == sum(1 for _ in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- data order
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(10, seed=1), EpochSampler(10, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    first = list(a)
+    assert first == list(b) and sorted(i for _, i in first) == list(range(10))
+    a.set_epoch(4)
+    assert [i for _, i in a] != [i for _, i in first]
+    shards = [list(EpochSampler(10, seed=1, num_replicas=3, rank=r)) for r in range(3)]
+    assert {i for s in shards for _, i in s} == set(range(10)) and len(
+        {len(s) for s in shards}
+    ) == 1
+
+
+def _record_batches(model: CGCModel) -> list[tuple[list[int], list[int]]]:
+    """Record (ids, labels) of every training forward."""
+    calls: list[tuple[list[int], list[int]]] = []
+
+    def hook(module, args, kwargs):
+        if module.training:
+            ids = args[0][:, 0, 0, 0].round().long().tolist()
+            calls.append((ids, kwargs["labels"].tolist()))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_labeled_and_unlabeled_batches_are_concatenated_and_cycled(tmp_path):
+    model = tiny_model()
+    calls = _record_batches(model)
+    labeled, pool = Tiny(8), Tiny(5, seed=1, offset=100)
+    args = args_for(tmp_path, num_train_epochs=3, unlabeled_batch_size=2)
+    CGCTrainer(model, args, labeled, unlabeled_dataset=pool).train()
+    assert len(calls) == 6  # 3 epochs x 2 labeled batches: an epoch is a pass over labels
+    for epoch in range(3):
+        ids = [i for c in calls[2 * epoch : 2 * epoch + 2] for i in c[0] if i < 100]
+        assert sorted(ids) == list(range(8))  # every labeled image once per epoch
+    for ids, labels in calls:
+        assert len(ids) == 6
+        assert labels[:4] == [i % 3 for i in ids[:4]]  # labeled rows keep their labels
+        assert all(i >= 100 for i in ids[4:]) and labels[4:] == [-100, -100]
+    # The pool of 5 gives 2 full batches per pass (drop_last); it restarts independently.
+    pool_ids = [c[0][4:] for c in calls]
+    for k in range(0, 6, 2):
+        assert len(set(pool_ids[k] + pool_ids[k + 1])) == 4
+
+
+def test_no_unlabeled_rows_without_pool(tmp_path):
+    model = tiny_model()
+    calls = _record_batches(model)
+    CGCTrainer(model, args_for(tmp_path, max_train_steps=2), Tiny(8)).train()
+    assert all(-100 not in labels for _, labels in calls)
+
+
+# ---------------------------------------------------------------------------------- metrics
+def test_evaluate_matches_a_plain_loop_and_restores_mode(tmp_path):
+    model = tiny_model()
+    eval_ds = Tiny(10, seed=5, mask=True)
+    trainer = CGCTrainer(model, args_for(tmp_path), Tiny(8), eval_ds)
+    model.train()
+    metrics = trainer.evaluate()
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        pred = model(eval_ds.x)["logits"].argmax(1)
+    assert metrics["eval_accuracy"] == pytest.approx(100.0 * (pred == eval_ds.y).float().mean())
+    assert metrics["eval_samples"] == 10
+    assert {"eval_consistency", "eval_content_heatmap", "eval_pointing_game"} <= set(metrics)
+
+
+# ---------------------------------------------------------------------------------- non-finite
+def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
+    model = tiny_model()
+    # One NaN image among 8, batches of 4: exactly one bad step per epoch.
+    args = args_for(tmp_path, num_train_epochs=2, max_nonfinite_steps=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics = CGCTrainer(model, args, Tiny(8, nan_ids=(5,)), Tiny(4, seed=2)).train()
+    assert metrics["nonfinite_steps"] == 2
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # good steps trained
+
+
+def test_nonfinite_in_a_row_stops_with_checkpoint_path(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = args_for(tmp_path, max_train_steps=10, max_nonfinite_steps=2)
+    trainer = CGCTrainer(model, args, Tiny(8, nan_ids=tuple(range(8))))
+    with pytest.raises(CGCError) as err:
+        trainer.train()
+    ckpt = latest_checkpoint(args.output_dir)
+    assert ckpt is not None and str(ckpt) in str(err.value)
+    assert "2 optimizer steps in a row" in str(err.value)
+    state = json.loads((ckpt / COMPLETE).read_text())
+    assert state["nonfinite_total"] == 2
+    for k, v in model.state_dict().items():  # no update and BatchNorm statistics restored
+        if k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------------------------- output dir
+def test_finished_run_is_refused_unless_overwrite(tmp_path):
+    args = args_for(tmp_path, max_train_steps=1, checkpointing_steps=1)
+    CGCTrainer(tiny_model(), args, Tiny(8)).train()
+    out = tmp_path / "run"
+    assert "final" in json.loads((out / "metrics.json").read_text())
+    assert (out / "model" / "model.safetensors").exists()
+    with pytest.raises(CGCValueError, match="overwrite_output_dir"):
+        CGCTrainer(tiny_model(), args, Tiny(8))
+    stale = out / "checkpoints" / "step_1"
+    assert stale.exists()
+    args2 = args_for(tmp_path, max_train_steps=1, overwrite_output_dir=True)
+    CGCTrainer(tiny_model(), args2, Tiny(8))
+    assert not stale.exists()  # the old run is gone: never mixed with the new one
+
+
+def test_unfinished_run_needs_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "args.json").write_text("{}")
+    with pytest.raises(CGCValueError, match="resume_from_checkpoint"):
+        CGCTrainer(tiny_model(), args_for(tmp_path), Tiny(8))
+
+
+# ---------------------------------------------------------------------------------- resume
+class Interrupt(Exception):
+    pass
+
+
+def _run(tmp_path, name, kill_at=None, resume=None):
+    model = tiny_model(seed=0)
+    args = args_for(
+        tmp_path,
+        output_dir=str(tmp_path / name),
+        max_train_steps=8,
+        checkpointing_steps=3,
+        unlabeled_batch_size=3,
+        eval_steps=4,
+        resume_from_checkpoint=resume,
+        gradient_accumulation_steps=1,
+    )
+    trainer = CGCTrainer(
+        model,
+        args,
+        Tiny(10),
+        Tiny(6, seed=7, mask=True),
+        unlabeled_dataset=Tiny(7, seed=1, offset=100),
+    )
+    if kill_at is not None:
+
+        def step_end():
+            if trainer.state.global_step == kill_at:
+                raise Interrupt
+
+        trainer._step_end = step_end
+    return model, trainer.train()
+
+
+def test_killed_run_resumes_to_identical_weights_and_metrics(tmp_path):
+    ref_model, ref_metrics = _run(tmp_path, "ref")
+    # Killed at step 5 (mid-epoch 2 of 3-batch epochs), after the checkpoint of step 3.
+    with pytest.raises(Interrupt):
+        _run(tmp_path, "cut", kill_at=5)
+    out = tmp_path / "cut"
+    assert [p.name for p in complete_checkpoints(out)] == ["step_3"]
+    # A checkpoint interrupted while saving (no COMPLETE marker) must be ignored.
+    (out / "checkpoints" / "step_99").mkdir()
+    (out / "checkpoints" / ".tmp-step_6").mkdir()
+    assert latest_checkpoint(out).name == "step_3"
+    model, metrics = _run(tmp_path, "cut", resume="latest")
+    ref_state, state = ref_model.state_dict(), model.state_dict()
+    assert ref_state.keys() == state.keys()
+    for k in ref_state:
+        assert torch.equal(ref_state[k], state[k]), k
+    for k in ref_metrics:
+        if k != "train_runtime" and k != "train_loss":
+            assert ref_metrics[k] == metrics[k] or (
+                math.isnan(ref_metrics[k]) and math.isnan(metrics[k])
+            ), k
+    ref_evals = json.loads((tmp_path / "ref" / "metrics.json").read_text())["evaluations"]
+    evals = json.loads((out / "metrics.json").read_text())["evaluations"]
+    assert evals == ref_evals  # the history is not duplicated by the resumed steps
+    assert not (out / "checkpoints" / ".tmp-step_6").exists()  # partial save cleaned up
+
+
+def test_checkpoints_total_limit_keeps_newest(tmp_path):
+    args = args_for(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    CGCTrainer(tiny_model(), args, Tiny(8)).train()
+    assert [p.name for p in complete_checkpoints(args.output_dir)] == ["step_3", "step_4"]
+
+
+def test_resume_from_incomplete_path_is_an_error(tmp_path):
+    bad = tmp_path / "half"
+    bad.mkdir()
+    args = args_for(tmp_path, resume_from_checkpoint=str(bad))
+    trainer = CGCTrainer(tiny_model(), args, Tiny(8))
+    with pytest.raises(CGCError, match="COMPLETE"):
+        trainer.train()
