@@ -40,6 +40,22 @@ def logits_of(model: nn.Module, library: str, pixel_values: Tensor) -> Tensor:
     return model(pixel_values)
 
 
+def target_hints(model: nn.Module) -> tuple[str | None, int | None]:
+    """``(layout_hint, prefix_hint)`` for :func:`cgc_hf.targets.resolve_target`.
+
+    timm models declare their feature layout (``output_fmt``, e.g. ``"NHWC"`` for Swin) and
+    their number of class / distillation / register tokens (``num_prefix_tokens``); a
+    transformers ``timm_wrapper`` model holds such a model as ``timm_model``.
+    """
+    inner = getattr(model, "timm_model", model)
+    layout = getattr(inner, "output_fmt", None)
+    layout = getattr(layout, "value", layout)  # timm's Format enum or a plain string
+    prefix = getattr(inner, "num_prefix_tokens", None)
+    return (layout if isinstance(layout, str) else None), (
+        prefix if isinstance(prefix, int) else None
+    )
+
+
 def disable_fused_attention(model: nn.Module, library: str) -> None:
     """Switch attention to an implementation with a double backward (fused SDPA has none)."""
     if library == "transformers":

@@ -8,6 +8,7 @@ from conftest import HF_TINY, TIMM_TINY, TinySpec, images, tiny, tiny_hf, tiny_t
 from torch import Tensor
 
 from cgc_hf import CGCModel, TargetLayer, TargetLayerError, resolve_target
+from cgc_hf.backbones import target_hints
 from cgc_hf.targets import to_nchw, token_grid
 
 
@@ -175,3 +176,19 @@ def test_token_layout_conversion_on_non_square_input():
     # token 2 + r * 4 + c sits at row r, column c (row-major patches)
     assert torch.equal(grid[1, :, 2, 1], tokens[1, 2 + 2 * 4 + 1])
     assert TargetLayer.from_dict(target.to_dict()) == target
+
+
+def test_timm_wrapper_hints_and_register_tokens():
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    config = TimmWrapperConfig(
+        architecture=TIMM_TINY["vit_registers"].name,
+        model_args=dict(TIMM_TINY["vit_registers"].kwargs),
+        num_labels=3,
+    )
+    backbone = AutoModelForImageClassification.from_config(config)
+    assert target_hints(backbone) == (None, 5)  # read from the wrapped timm model
+    assert target_hints(tiny_timm("swin").backbone) == ("NHWC", None)
+    model = CGCModel.from_backbone(backbone)
+    assert (model.target.name, model.target.num_prefix_tokens) == ("timm_model.blocks.1.norm1", 5)
+    assert model.explain(torch.randn(2, 3, 28, 28)).shape == (2, 4, 4)
