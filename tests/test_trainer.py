@@ -296,7 +296,7 @@ def _run(tmp_path, name, kill_at=None, resume=None):
         tmp_path,
         output_dir=str(tmp_path / name),
         max_train_steps=8,
-        checkpointing_steps=3,
+        checkpointing_steps=2,
         unlabeled_batch_size=3,
         eval_steps=4,
         resume_from_checkpoint=resume,
@@ -321,15 +321,15 @@ def _run(tmp_path, name, kill_at=None, resume=None):
 
 def test_killed_run_resumes_to_identical_weights_and_metrics(tmp_path):
     ref_model, ref_metrics = _run(tmp_path, "ref")
-    # Killed at step 5 (mid-epoch 2 of 3-batch epochs), after the checkpoint of step 3.
+    # Epochs of 3 batches; checkpoints at steps 2 and 4 (both mid-epoch); killed at step 5.
     with pytest.raises(Interrupt):
         _run(tmp_path, "cut", kill_at=5)
     out = tmp_path / "cut"
-    assert [p.name for p in complete_checkpoints(out)] == ["step_3"]
+    assert [p.name for p in complete_checkpoints(out)] == ["step_2", "step_4"]
     # A checkpoint interrupted while saving (no COMPLETE marker) must be ignored.
     (out / "checkpoints" / "step_99").mkdir()
     (out / "checkpoints" / ".tmp-step_6").mkdir()
-    assert latest_checkpoint(out).name == "step_3"
+    assert latest_checkpoint(out).name == "step_4"
     model, metrics = _run(tmp_path, "cut", resume="latest")
     ref_state, state = ref_model.state_dict(), model.state_dict()
     assert ref_state.keys() == state.keys()
