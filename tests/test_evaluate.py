@@ -262,6 +262,20 @@ def test_two_processes_count_each_image_once(recipe_run, saved_models, tmp_path)
         assert per["consistency"][:full] == pytest.approx(ref["consistency"][:full], abs=1e-4)
 
 
+def test_dataset_without_masks_skips_mask_metrics(saved_models, tmp_path, capsys):
+    """A save_to_disk folder without box or mask columns: accuracy and consistency only."""
+    data = make_synthetic(seed=SEED, **SYNTH).remove_columns(["mask", "bbox"])
+    data.save_to_disk(str(tmp_path / "data"))
+    argv = _args(saved_models[:1], tmp_path / "out", "--figure_images", "0")
+    argv[argv.index("--dataset") + 1] = str(tmp_path / "data")
+    assert recipe.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "accuracy (%)" in table and "content heatmap" not in table
+    m = _metrics(tmp_path / "out", "cgc")
+    assert set(m["metrics"]) == {"accuracy", "consistency"}
+    assert m["per_image"]["accuracy"] == reference_correct(saved_models[0])
+
+
 # ---------------------------------------------------------------------------------- errors
 def test_missing_model_dir_is_one_line_and_exit_2(tmp_path):
     missing = tmp_path / "no-such-run" / "model"
