@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--split",
+        "--eval_split",
+        dest="split",
         default="test",
         help="Split to evaluate (default: 'test'; 'validation' is what training monitored).",
     )
