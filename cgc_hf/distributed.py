@@ -43,6 +43,8 @@ def all_gather_rows(z: Tensor) -> tuple[Tensor, int]:
     sizes = [int(c.item()) for c in counts]
     pad = max(sizes) - z.shape[0]
     padded = F.pad(z, (0, 0, 0, pad)) if pad else z  # (max_b, D)
-    parts = all_gather(padded)  # P tensors (max_b, D); backward reduce-scatters the gradients
+    # The group is passed explicitly: the function's default was bound at import time and goes
+    # stale when the process group is re-created.
+    parts = all_gather(padded, group=dist.group.WORLD)  # P x (max_b, D); backward sums grads
     rows = torch.cat([p[:n] for p, n in zip(parts, sizes)])  # (N, D)
     return rows, sum(sizes[:rank])

@@ -1,0 +1,197 @@
+"""Two CPU processes (gloo) give the CGC loss and gradients of one process on the full batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cgc_hf import CGCLoss, CGCModel, CropFlip, sample_crop_flip
+from cgc_hf.distributed import all_gather_rows
+
+WORLD = 2
+BATCH = 8  # full batch; each process holds BATCH // WORLD rows
+UNEVEN = (3, 5)  # rows per process for the padding case
+
+
+def _heatmaps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return torch.rand(n, 7, 7, generator=g), torch.rand(n, 7, 7, generator=g)
+
+
+def _model() -> CGCModel:
+    torch.manual_seed(0)  # same weights in every process and in the reference
+    # LayerNorm only (no BatchNorm): the per-process forward equals the full-batch forward.
+    return CGCModel.from_backbone(
+        "test_vit",
+        num_labels=3,
+        pretrained=False,
+        model_kwargs={"img_size": 32, "patch_size": 8},
+        temperature=0.5,
+    )
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, CropFlip]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g)  # (N, 3, 32, 32)
+    y = torch.randint(0, 3, (BATCH,), generator=g)  # (N,)
+    geometry = sample_crop_flip(BATCH, generator=g)
+    return x, y, geometry
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    result = {}
+    # (a) the loss alone: local rows against gathered negatives.
+    aug, pos = _heatmaps(BATCH)
+    b = BATCH // WORLD
+    local_aug = aug[rank * b : (rank + 1) * b].clone().requires_grad_(True)  # (b, 7, 7)
+    local_pos = pos[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    loss = CGCLoss(0.5, gather=all_gather_rows)(local_aug, local_pos)
+    loss.backward()
+    result["loss"], result["grad_aug"], result["grad_pos"] = (
+        loss.detach(),
+        local_aug.grad,
+        local_pos.grad,
+    )
+    # (b) uneven shares are padded for the collective and unpadded again.
+    start = sum(UNEVEN[:rank])
+    rows = slice(start, start + UNEVEN[rank])
+    result["uneven_loss"] = CGCLoss(0.5, gather=all_gather_rows)(aug[rows], pos[rows]).detach()
+    # (c) a whole model under DDP, fixed geometry: loss and averaged parameter gradients.
+    model = _model()
+    model.loss_fn.gather = all_gather_rows
+    model.train()
+    ddp = DistributedDataParallel(model)
+    x, y, geometry = _inputs()
+    sl = slice(rank * b, (rank + 1) * b)
+    local_geometry = CropFlip(geometry.boxes[sl], geometry.flip[sl])
+    out_model = ddp(x[sl], labels=y[sl], geometry=local_geometry)
+    out_model["loss"].backward()
+    result["model_loss"] = out_model["loss"].detach()
+    result["model_cgc"] = out_model["loss_cgc"].detach()
+    result["param_grads"] = {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+    dist.destroy_process_group()
+    # (d) the trainer under Accelerate: gather installed, evaluation counts each image once.
+    result["trainer"] = _trainer_run(rank, port + 1, out)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def _trainer_run(rank: int, port: int, out: str) -> dict:
+    from cgc_hf import CGCTrainer, TrainingArguments
+
+    # What `accelerate launch --cpu --num_processes 2` sets in each process.
+    os.environ.update(
+        ACCELERATE_USE_CPU="true",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": torch.tensor(i % 3)}
+        for i in range(11)
+    ]
+    model = _model()
+    args = TrainingArguments(
+        output_dir=str(Path(out) / "run"),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        max_train_steps=2,
+        figure_images=0,
+    )
+    trainer = CGCTrainer(model, args, data[:8], eval_dataset=data[8:], unlabeled_dataset=data)
+    metrics = trainer.train()
+    return {
+        "num_processes": trainer.accelerator.num_processes,
+        "gather_installed": model.loss_fn.gather is all_gather_rows,
+        "eval_samples": metrics["eval_samples"],
+        "weights": torch.cat([p.detach().flatten() for p in model.parameters()]),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_gather_loss_and_heatmap_gradients_match_full_batch(ranks):
+    aug, pos = _heatmaps(BATCH)
+    aug.requires_grad_(True)
+    pos.requires_grad_(True)
+    full = CGCLoss(0.5)(aug, pos)
+    full.backward()
+    # Each process's loss is the mean over its rows: their mean is the full-batch mean.
+    mean = torch.stack([r["loss"] for r in ranks]).mean()
+    torch.testing.assert_close(mean, full.detach())
+    # The gather's backward sums every process's gradient for the local rows, i.e. the
+    # gradient of the summed per-process losses = WORLD x the full-batch loss; DDP's averaging
+    # divides by WORLD again.
+    grad_aug = torch.cat([r["grad_aug"] for r in ranks]) / WORLD
+    grad_pos = torch.cat([r["grad_pos"] for r in ranks]) / WORLD
+    torch.testing.assert_close(grad_aug, aug.grad)
+    torch.testing.assert_close(grad_pos, pos.grad)
+    assert aug.grad.abs().sum() > 0  # the comparison is not between zeros
+
+
+def test_uneven_shares_give_the_full_batch_rows(ranks):
+    aug, pos = _heatmaps(BATCH)
+    full = CGCLoss(0.5)(aug, pos)
+    weighted = sum(n * r["uneven_loss"] for n, r in zip(UNEVEN, ranks)) / BATCH
+    torch.testing.assert_close(weighted, full)
+
+
+def test_ddp_model_gradients_equal_single_process_full_batch(ranks):
+    model = _model()
+    model.train()
+    x, y, geometry = _inputs()
+    out = model(x, labels=y, geometry=geometry)
+    out["loss"].backward()
+    torch.testing.assert_close(
+        torch.stack([r["model_cgc"] for r in ranks]).mean(), out["loss_cgc"].detach()
+    )
+    torch.testing.assert_close(
+        torch.stack([r["model_loss"] for r in ranks]).mean(), out["loss"].detach()
+    )
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == ranks[0]["param_grads"].keys()
+    for name, g in grads.items():
+        for r in ranks:  # DDP leaves the same averaged gradient in every process
+            torch.testing.assert_close(r["param_grads"][name], g, atol=1e-6, rtol=1e-4)
+    assert out["loss_cgc"] > 0
+
+
+def test_trainer_installs_gather_and_counts_each_eval_image_once(ranks):
+    runs = [r["trainer"] for r in ranks]
+    assert all(t["num_processes"] == WORLD and t["gather_installed"] for t in runs)
+    assert all(t["eval_samples"] == 3 for t in runs)  # 3 images, padded to 4 by the sampler
+    torch.testing.assert_close(runs[0]["weights"], runs[1]["weights"], rtol=0, atol=0)
+
+
+def test_without_a_process_group_the_gather_is_the_identity():
+    z = torch.randn(3, 4)
+    rows, offset = all_gather_rows(z)
+    assert rows is z and offset == 0
