@@ -286,6 +286,13 @@ def _positive_int(args: Any, name: str, example: str) -> None:
     )
 
 
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
 def _fp16_device_available() -> bool:
     if torch.cuda.is_available():
         return True
@@ -432,6 +439,9 @@ class CGCTrainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
             rng_types=[],  # data order is seeded per epoch by EpochSampler, not by global RNG
+            # Without a GPU, Accelerate only forms a multi-process (gloo) group when told it
+            # runs on CPU; saying so makes a plain `torchrun` on a CPU machine work too.
+            cpu=not _has_accelerator(),
         )
         acc = self.accelerator
         rows = args.per_device_train_batch_size + (

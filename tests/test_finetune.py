@@ -1,0 +1,135 @@
+"""recipes/finetune.py end to end, as a user runs it: a subprocess, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgc_hf import load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "finetune.py"
+SECRET = "hf_NotARealTokenButSecret123"
+TINY = [
+    "--model", "test_resnet",
+    "--image_size", "32",
+    "--synthetic_kwargs", '{"num_classes": 3, "train_size": 24, "eval_size": 6}',
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "6",
+    "--figure_images", "0",
+    "--logging_steps", "1",
+]  # fmt: skip
+
+
+def run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
+    return subprocess.run(
+        [sys.executable, str(RECIPE), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def test_cgc_run_end_to_end_with_labels_split_and_config(tmp_path):
+    out = tmp_path / "cgc"
+    config = tmp_path / "c.yaml"
+    config.write_text("temperature: 0.3\ncgc_lambda: 0.25\nmax_train_steps: 1\n")
+    proc = run(
+        *TINY,
+        "--config",
+        str(config),
+        "--max_train_steps",
+        "2",
+        "--labels_per_class",
+        "4",
+        "--output_dir",
+        str(out),
+        "--hub_token",
+        SECRET,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "top-1 accuracy" in proc.stdout and "Content Heatmap" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())["final"]
+    assert metrics["train_steps"] == 2  # the command line wins over the YAML file
+    assert {"eval_accuracy", "eval_consistency", "eval_content_heatmap"} <= set(metrics)
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["cgc_config"]["temperature"] == 0.3  # from the YAML file
+    assert saved["cgc_config"]["cgc_lambda"] == 0.25
+    assert saved["run"]["labeled_images"] == 12 and saved["run"]["unlabeled_images"] == 12
+    labeled, unlabeled, _ = load_split(out / "split.json")
+    assert len(labeled) == 12 and len(unlabeled) == 12 and not set(labeled) & set(unlabeled)
+    assert (out / "model" / "model.safetensors").exists()
+    # The token is in no file the run wrote.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_no_cgc_baseline_fully_supervised(tmp_path):
+    out = tmp_path / "base"
+    proc = run(
+        *TINY, "--no_cgc", "--unlabeled", "none", "--max_train_steps", "1", "--output_dir", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline (no CGC)" in proc.stdout
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["cgc_config"]["cgc_lambda"] == 0.0 and saved["run"]["unlabeled_images"] == 0
+    # Running again into the finished run is refused with one line.
+    again = run(*TINY, "--max_train_steps", "1", "--output_dir", str(out))
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("error: output_dir=")
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--dataset", "cub", "--model", "test_resnet"], "cub"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--mixed_precision", "fp16"], "bf16"),
+        (["--cgc_temperature", "-1"], "temperature"),
+    ],
+)
+def test_failures_are_one_line_errors(tmp_path, argv, needle):
+    if "fp16" in argv:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("fp16 works on a GPU")
+    proc = run(*argv, "--output_dir", str(tmp_path / "x"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last
+    assert not (tmp_path / "x" / "args.json").exists()  # nothing written half-way
+
+
+def test_help_lists_flags_from_the_dataclasses():
+    proc = run("--help", timeout=60)
+    assert proc.returncode == 0
+    for flag in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--per_device_train_batch_size",
+        "--cgc_lambda",
+        "--cgc_temperature",
+        "--cam_method",
+        "--no_cgc",
+        "--resume_from_checkpoint",
+        "--label_fraction",
+        "--push_to_hub",
+    ):
+        assert flag in proc.stdout
