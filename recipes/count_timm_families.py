@@ -11,7 +11,7 @@ Run it niced and single-threaded; it takes a while (parameter counting alone bui
 model once on the meta device, ~4 minutes here):
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice python recipes/count_timm_families.py \\
-        --timeout-per-model 180 --json timm_families.json
+        --timeout-per-model 180 --max-memory-gb 8 --picks timm_picks.json --json timm_families.json
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ import argparse
 import gc
 import json
 import logging
+import multiprocessing
+import os
+import resource
 import signal
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
 
 import timm
 import torch
@@ -127,6 +131,58 @@ def try_family(family: str, name: str, params: int, timeout: float) -> Result:
     return result
 
 
+def _worker(
+    conn: Connection, family: str, name: str, params: int, timeout: float, gb: float
+) -> None:
+    # Cap this process's heap so one huge model fails alone instead of exhausting the machine
+    # (some families' smallest model still wants tens of GB at its native resolution).
+    limit = int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    conn.send(asdict(try_family(family, name, params, timeout)))
+    conn.close()
+
+
+def try_family_isolated(family: str, name: str, params: int, timeout: float, gb: float) -> Result:
+    """:func:`try_family` in a forked process with a memory cap; a crash is reported, not fatal."""
+    ctx = multiprocessing.get_context("fork")  # the child inherits the imports: no start-up cost
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, family, name, params, timeout, gb))
+    start = time.perf_counter()
+    proc.start()
+    send.close()
+    result = None
+    if receive.poll(timeout + 30):  # the child enforces `timeout` itself; this is a backstop
+        try:
+            result = Result(**receive.recv())
+        except EOFError:
+            pass
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if result is None:
+        result = Result(family, name, params, seconds=time.perf_counter() - start)
+        result.status = f"error: worker died (exit code {proc.exitcode}, memory cap {gb:g} GB?)"
+    return result
+
+
+def load_or_pick(families: list[str], path: str | None) -> list[tuple[str, str, int]]:
+    """Smallest model per family, cached in ``path`` (counting builds every model once)."""
+    cached: dict[str, list] = {}
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+    missing = [fam for fam in families if fam not in cached]
+    if missing:
+        print(f"choosing the smallest model of {len(missing)} timm families...", flush=True)
+        for family, name, params in smallest_per_family(missing):
+            cached[family] = [name, params]
+        if path:
+            with open(path, "w") as f:
+                json.dump(cached, f, indent=2)
+    return [(fam, *cached[fam]) for fam in families]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="Try only the first N families.")
@@ -135,6 +191,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--timeout-per-model", type=float, default=300.0, help="Seconds allowed per family."
+    )
+    parser.add_argument(
+        "--max-memory-gb", type=float, default=8.0, help="Heap cap of each model's process."
+    )
+    parser.add_argument(
+        "--picks", default=None, help="JSON cache of the smallest model per family (reruns)."
     )
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
     args = parser.parse_args()
@@ -145,14 +207,13 @@ def main() -> None:
 
     families = args.families.split(",") if args.families else sorted(timm.list_modules())
     families = families[: args.limit] if args.limit else families
-    print(f"choosing the smallest model of {len(families)} timm families...", flush=True)
-    picks = smallest_per_family(families)
+    picks = load_or_pick(families, args.picks)
 
     header = f"{'family':<22} {'model':<40} {'params':>8} {'target layer':<28} layout  grid"
     print(header + "  status", flush=True)
     results = []
     for family, name, params in picks:
-        r = try_family(family, name, params, args.timeout_per_model)
+        r = try_family_isolated(family, name, params, args.timeout_per_model, args.max_memory_gb)
         results.append(r)
         print(
             f"{r.family:<22} {r.model:<40} {r.params / 1e6:>7.2f}M {r.target:<28} "
