@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="A named dataset (synthetic, cub, cars, aircraft, flowers102, dogs, pets), a Hub "
         f"dataset id, an image folder or a save_to_disk directory (default: {DEFAULT_DATASET!r}).",
     )
+    run.add_argument(
+        "--dataset_source",
+        help="For a named dataset: a local save_to_disk copy to read instead of the Hub.",
+    )
     run.add_argument("--image_column_name", help="Image column (default: the dataset's).")
     run.add_argument("--label_column_name", help="Label column (default: the dataset's).")
     run.add_argument("--eval_split", help="Split to evaluate on (default: the dataset's).")
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. Data: columns are checked and labels made 0..K-1 before the model is sized to them.
     splits = load_splits(
         dataset,
+        source=options.get("dataset_source"),
         image_column=options.get("image_column_name"),
         label_column=options.get("label_column_name"),
         eval_split=options.get("eval_split"),
@@ -248,15 +253,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. Model: any timm / transformers classifier, with its head sized to this dataset.
     pretrained = options.get("pretrained", not synthetic)
-    model = CGCModel.from_backbone(
-        options.get("model_name_or_path", DEFAULT_MODEL),
-        num_labels=splits.num_labels,
-        id2label=splits.id2label,
-        pretrained=pretrained,
-        target_layer=options.get("target_layer"),
-        model_kwargs=options.get("model_kwargs"),
-        **method,
-    )
+    model_name = options.get("model_name_or_path", DEFAULT_MODEL)
+    try:
+        model = CGCModel.from_backbone(
+            model_name,
+            num_labels=splits.num_labels,
+            id2label=splits.id2label,
+            pretrained=pretrained,
+            target_layer=options.get("target_layer"),
+            model_kwargs=options.get("model_kwargs"),
+            **method,
+        )
+    except OSError as err:  # a weight download that failed (no network, no cache)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CGCValueError(
+            f"model_name_or_path={model_name!r}: pretrained weights could not be loaded "
+            f"({type(err).__name__}: {first_line}). Run where the Hugging Face Hub is reachable "
+            "(or with the weights cached), or pass --no_pretrained to start from random weights."
+        ) from None
     image_size = options.get("image_size", SYNTHETIC_IMAGE_SIZE if synthetic else None)
     if image_size is not None:
         # Convolutional models take any size; transforms read it from the model's data config.

@@ -101,6 +101,7 @@ def test_no_cgc_baseline_fully_supervised(tmp_path):
         (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
         (["--mixed_precision", "fp16"], "bf16"),
         (["--cgc_temperature", "-1"], "temperature"),
+        (["--model", "resnet18", "--pretrained"], "--no_pretrained"),
     ],
 )
 def test_failures_are_one_line_errors(tmp_path, argv, needle):
