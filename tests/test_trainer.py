@@ -359,3 +359,28 @@ def test_resume_from_incomplete_path_is_an_error(tmp_path):
     trainer = CGCTrainer(tiny_model(), args, Tiny(8))
     with pytest.raises(CGCError, match="COMPLETE"):
         trainer.train()
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
+    import errno
+
+    from cgc_hf import CheckpointError
+
+    args = args_for(tmp_path, max_train_steps=4, checkpointing_steps=2)
+    trainer = CGCTrainer(tiny_model(), args, Tiny(8))
+    real_save = trainer.accelerator.save_state
+
+    def save_state(output_dir, **kw):
+        if output_dir.endswith("step_4"):
+            real_save(output_dir, **kw)  # half the files are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(output_dir, **kw)
+
+    trainer.accelerator.save_state = save_state
+    with pytest.raises(CheckpointError) as err:
+        trainer.train()
+    out = tmp_path / "run"
+    assert "step_2" in str(err.value) and "No space left" in str(err.value)
+    assert [p.name for p in complete_checkpoints(out)] == ["step_2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # no debris
+    assert json.loads((out / "checkpoints" / "step_2" / COMPLETE).read_text())["global_step"] == 2
