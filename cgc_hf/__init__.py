@@ -3,7 +3,7 @@
 from .augment import CropFlip, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
-from .config import CGCConfig
+from .config import METHOD_FIELDS, CGCConfig
 from .data import (
     DATASETS,
     CGCDataset,
@@ -60,6 +60,7 @@ __all__ = [
     "DATASETS",
     "DataError",
     "DatasetSpec",
+    "METHOD_FIELDS",
     "Splits",
     "TargetLayer",
     "TargetLayerError",
