@@ -352,16 +352,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if trainer.accelerator.is_main_process:
         _print_summary(metrics, args.output_dir, model.config.cgc_lambda)
         if options.get("push_to_hub"):
-            push = getattr(model, "push_to_hub", None)
-            if push is None:
-                raise CGCValueError(
-                    "--push_to_hub needs cgc_hf's Hub support (CGCModel.push_to_hub)."
-                )
-            push(
+            # The upload carries the same weights, config and model card as output_dir/model.
+            info = model.push_to_hub(
                 options.get("hub_model_id") or Path(args.output_dir).name,
                 private=options.get("hub_private_repo"),
                 token=options.get("hub_token"),
+                metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},
+                base_model=run_info["base_model"],
+                dataset=dataset,
+                label_setting=label_setting,
+                figure=getattr(trainer, "last_figure", None),
             )
+            print(f"pushed to the Hub: {getattr(info, 'commit_url', None) or info}")
     return metrics
 
 
