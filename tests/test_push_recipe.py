@@ -71,7 +71,7 @@ def test_push_to_hub_uploads_the_final_model_and_prints_its_url(tmp_path, monkey
             assert SECRET.encode() not in path.read_bytes(), path
     card = api.files["README.md"].decode()
     assert "library_name: cgc_hf" in card
-    assert "eval_accuracy" in card  # the run's evaluation table travels with the model
+    assert "Top-1 accuracy" in card  # the run's evaluation table travels with the model
     assert (
         "pushed to the Hub: https://huggingface.co/user/tiny-cgc/commit/abc"
         in capsys.readouterr().out
