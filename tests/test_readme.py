@@ -25,4 +25,4 @@ def test_first_lines_are_the_two_setup_commands():
     assert lines[0].startswith("pip install -e '.[dev]' && python recipes/finetune.py")
     assert lines[1] == "HF_HUB_OFFLINE=1 python -m pytest"
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "pip install -e '.[dev]'" in ci and "HF_HUB_OFFLINE=1 python -m pytest" in ci
+    assert "README.md" in ci  # CI runs these two lines from the README itself
