@@ -1,4 +1,4 @@
-"""The README's Python example runs as written (random weights: the Hub is not reachable in tests)."""
+"""The README's Python example runs as written (random weights: no Hub in tests)."""
 
 import re
 from pathlib import Path
