@@ -299,24 +299,26 @@ def _spatial_candidates(
     """Records that look like feature maps / token grids, last executed first.
 
     Only layers with the same channel count as the last such layer are kept, which skips
-    attention internals (qkv, attention maps, MLP hidden) that are not feature maps. The layer
+    attention internals (qkv, attention maps, MLP hidden) that are not feature maps. That width
+    is read from the last layer that is not an ``nn.Linear``: a Linear on tokens after the final
+    norm is a per-token classifier (VOLO's token-labelling ``aux_head``), not features. The layer
     named ``keep`` (the user's choice, e.g. an earlier, narrower stage) is kept whatever its width.
     """
-    out: list[tuple[_Record, TargetLayer]] = []
-    channels = None
+    spatial: list[tuple[_Record, TargetLayer, int]] = []
     seen: set[str] = set()
     for rec in reversed(records):
         if rec.name in seen:  # a module called twice: keep its last call
             continue
         seen.add(rec.name)
         target = _describe(rec, image_size, layout_hint, prefix_hint)
-        if target is None:
-            continue
-        c = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
-        channels = c if channels is None else channels
-        if c == channels or rec.name == keep:
-            out.append((rec, target))
-    return out
+        if target is not None:
+            c = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
+            spatial.append((rec, target, c))
+    anchors = [c for rec, _, c in spatial if not isinstance(rec.module, nn.Linear)]
+    anchors = anchors or [c for _, _, c in spatial]
+    if not anchors:
+        return []
+    return [(rec, t) for rec, t, c in spatial if c == anchors[0] or rec.name == keep]
 
 
 def _describe(

@@ -192,3 +192,25 @@ def test_timm_wrapper_hints_and_register_tokens():
     model = CGCModel.from_backbone(backbone)
     assert (model.target.name, model.target.num_prefix_tokens) == ("timm_model.blocks.1.norm1", 5)
     assert model.explain(torch.randn(2, 3, 28, 28)).shape == (2, 4, 4)
+
+
+class _TokenLabellingNet(torch.nn.Module):
+    """Patch tokens -> norm; logits = mean-token head + max over a per-token classifier."""
+
+    def __init__(self, width: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, width, 4, stride=4)
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, classes)
+        self.aux_head = torch.nn.Linear(width, classes)  # (B, N, K): class scores per token
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.norm(self.patch(x).flatten(2).transpose(1, 2))  # (B, N, C)
+        return self.head(tokens.mean(1)) + self.aux_head(tokens).amax(1)  # (B, K)
+
+
+def test_per_token_classifier_is_not_taken_for_features():
+    torch.manual_seed(0)
+    net = _TokenLabellingNet()
+    target = resolve_target(net, net, torch.randn(2, 3, 16, 16))
+    assert (target.name, target.layout) == ("norm", "NLC")
