@@ -384,6 +384,8 @@ class TrainerState:
     unlabeled_batches: int = 0  # unlabeled batches already used in ``unlabeled_epoch``
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
+    loss_sum: float = 0.0  # over finite batches since step 0: a resumed run reports the same mean
+    loss_batches: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -622,7 +624,7 @@ class CGCTrainer:
         )
         unlabeled = self._unlabeled_batches()
         window = _Window()
-        run_loss, run_ce, run_cgc, run_n, total_loss, total_n = 0.0, 0.0, 0.0, 0, 0.0, 0
+        run_loss, run_ce, run_cgc, run_n = 0.0, 0.0, 0.0, 0
         t_start = t_log = time.perf_counter()
         images = 0
         self.model.train()
@@ -661,6 +663,8 @@ class CGCTrainer:
                     run_ce += out["loss_ce"].item()
                     run_cgc += out["loss_cgc"].item()
                     run_n += 1
+                    state.loss_sum += out["loss"].item()
+                    state.loss_batches += 1
                 if not acc.sync_gradients:
                     continue
                 state.global_step += 1
@@ -690,7 +694,6 @@ class CGCTrainer:
                         cgc=f"{run_cgc / run_n:.3f}",
                         img_s=f"{logs['train/images_per_second']:.1f}",
                     )
-                    total_loss, total_n = total_loss + run_loss, total_n + run_n
                     run_loss, run_ce, run_cgc, run_n, images, t_log = 0.0, 0.0, 0.0, 0, 0, now
                 if args.eval_steps and state.global_step % args.eval_steps == 0:
                     self._evaluate_and_record()
@@ -710,9 +713,8 @@ class CGCTrainer:
                 if args.checkpointing_steps == "epoch":
                     self.save_checkpoint()
         bar.close()
-        total_loss, total_n = total_loss + run_loss, total_n + run_n
-        final = self._finish(total_loss / max(total_n, 1), time.perf_counter() - t_start)
-        return final
+        train_loss = state.loss_sum / max(state.loss_batches, 1)
+        return self._finish(train_loss, time.perf_counter() - t_start)
 
     def _step_end(self) -> None:
         """Called after every optimizer step (a seam for subclasses and fault-injection tests)."""
