@@ -1009,13 +1009,29 @@ class CGCTrainer:
                     figure=getattr(self, "last_figure", None),
                 )
             except CheckpointError as err:
+                if isinstance(err.__cause__, OSError):
+                    raise self._final_save_error(folder, err.__cause__) from err
                 logger.warning("save_pretrained failed (%s); saving the bare weights.", err)
         from safetensors.torch import save_model
 
-        folder.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(model.config.to_json())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model(model, str(folder / "model.safetensors"))
+            (folder / "config.json").write_text(model.config.to_json())
+        except OSError as err:
+            raise self._final_save_error(folder, err) from err
         return folder
+
+    def _final_save_error(self, folder: Path, err: OSError) -> CheckpointError:
+        previous = latest_checkpoint(self.output_dir)
+        advice = (
+            f"checkpoint {previous} is intact: free disk space, then rerun with "
+            "--resume_from_checkpoint latest"
+            if previous is not None
+            else "no checkpoint was saved (set checkpointing_steps to keep one): free disk "
+            "space and run again"
+        )
+        return CheckpointError(f"could not write the trained model to {folder} ({err}); {advice}.")
 
     def _resolved(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)
