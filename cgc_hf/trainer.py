@@ -15,6 +15,7 @@ checkpoint state; this module adds what exact, safe resumption needs:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -641,7 +642,7 @@ class CGCTrainer:
                 images += pixel_values.shape[0] * acc.num_processes
                 if window.size == 0:
                     window.buffers = _float_buffers(self.model)
-                with acc.accumulate(self.model):
+                with acc.accumulate(self.model), _out_of_memory_advice(args):
                     out = self.model(pixel_values, labels=labels)
                     finite = self._all_finite(out["loss"])
                     # Backward runs even on a bad loss, so every process takes part in DDP's
@@ -1055,6 +1056,21 @@ class _Window:
     size: int = 0
     finite: bool = True
     buffers: list[Tensor] | None = None
+
+
+@contextlib.contextmanager
+def _out_of_memory_advice(args: TrainingArguments) -> Iterator[None]:
+    """Turn running out of (device or host) memory in a step into advice, not a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        raise CGCError(
+            f"out of memory in a training step with per_device_train_batch_size="
+            f"{args.per_device_train_batch_size} and unlabeled_batch_size="
+            f"{args.unlabeled_batch_size} ({type(err).__name__}). Lower the batch sizes (keep "
+            "the effective batch with gradient_accumulation_steps), lower --image_size, use "
+            "mixed_precision='bf16', or a smaller model."
+        ) from err
 
 
 def _float_buffers(model: nn.Module) -> list[Tensor]:
