@@ -250,7 +250,10 @@ def _create_transformers(
         ) from None
     except ValueError as err:
         raise CGCValueError(
-            f"name_or_model {name!r} is not an image classifier: {str(err).splitlines()[0]}"
+            f"name_or_model {name!r} is not an image classifier: {str(err).splitlines()[0]} "
+            "Use a timm model name, or a transformers image model (Hub id or local directory) "
+            "whose model type has an image-classification head, e.g. vit, convnext, swin, "
+            "resnet; a base model of such a type gets a new head."
         ) from None
 
 
