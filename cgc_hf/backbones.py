@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CGCTypeError, CGCValueError, close_matches
+from .errors import CGCError, CGCTypeError, CGCValueError, close_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,6 +88,25 @@ def create_backbone(
         ``(model, library, architecture, backbone_config)``; ``backbone_config`` rebuilds the
         same architecture offline with :func:`rebuild_backbone`.
     """
+    try:
+        return _create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        name = name_or_model if isinstance(name_or_model, str) else type(name_or_model).__name__
+        raise CGCError(
+            f"out of memory while building the model {name!r} with model_kwargs="
+            f"{model_kwargs or {}} ({type(err).__name__}). Choose a smaller model (e.g. "
+            "'resnet50' or 'vit_small_patch16_224'), free memory held by other processes, or "
+            "use a machine with more memory."
+        ) from err
+
+
+def _create_backbone(
+    name_or_model: str | nn.Module,
+    num_labels: int | None,
+    id2label: dict[int, str] | None,
+    pretrained: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> tuple[nn.Module, str, str, dict[str, Any]]:
     model_kwargs = dict(model_kwargs or {})
     if isinstance(name_or_model, nn.Module):
         model = name_or_model
