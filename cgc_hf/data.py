@@ -684,6 +684,16 @@ def build_transform(
             f"data_config lacks {missing}; pass CGCModel.config.data_config (it holds "
             f"input_size, mean, std). Got keys {sorted(data_config)}."
         )
+    scale, ratio = tuple(float(v) for v in scale), tuple(float(v) for v in ratio)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise DataError(
+            f"scale (--train_crop_scale) must be two numbers 0 < min <= max <= 1, as fractions "
+            f"of the image area, e.g. (0.08, 1.0); got {scale!r}."
+        )
+    if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+        raise DataError(
+            f"ratio must be two numbers 0 < min <= max, e.g. (0.75, 1.333); got {ratio!r}."
+        )
     h, w = (int(v) for v in tuple(data_config["input_size"])[-2:])
     mean = [float(v) for v in data_config["mean"]]
     std = [float(v) for v in data_config["std"]]
