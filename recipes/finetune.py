@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "whose 64 px shapes are unlike ImageNet and which must run offline).",
     )
     run.add_argument(
+        "--no_pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="Same as --no-pretrained: start from random weights.",
+    )
+    run.add_argument(
         "--model_kwargs",
         type=json.loads,
         help="JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'.",
