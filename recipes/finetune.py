@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "labeled_images": len(labeled_idx),
         "unlabeled_images": len(unlabeled_ds) if unlabeled_ds is not None else 0,
         "config_file": options.get("config"),
-        "command_line": _redact(argv if argv is not None else sys.argv[1:]),
+        "command_line": _redact(
+            argv if argv is not None else sys.argv[1:], options.get("hub_token")
+        ),
     }
     trainer = CGCTrainer(
         model,
@@ -373,12 +375,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _redact(argv: list[str]) -> list[str]:
-    """Drop ``--hub_token`` and its value: a secret never goes into saved files."""
-    out, skip = [], False
-    for a in argv:
-        if skip or a.startswith("--hub_token"):
-            skip = a == "--hub_token"  # the value follows as the next word
+def _redact(argv: list[str], token: str | None) -> list[str]:
+    """Drop the Hub token: a secret never goes into saved files.
+
+    By value, since argparse also accepts abbreviations (``--hub_tok``) and ``--flag=value``.
+    """
+    out = []
+    for i, a in enumerate(argv):
+        following = i + 1 < len(argv) and bool(token) and argv[i + 1] == token
+        if (token and token in a) or (a.startswith("--hub_t") and following):
             continue
         out.append(a)
     return out
