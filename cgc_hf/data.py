@@ -743,8 +743,8 @@ class CGCDataset(torch.utils.data.Dataset):
         spec: the :class:`DatasetSpec` naming the columns (``Splits.spec``).
         unlabeled: ignore the labels (rows feed the CGC term only).
         on_bad_image: ``"raise"`` a :class:`DataError` naming the row, or ``"skip"``: log it,
-            count it in :attr:`bad_images` and return the next readable row instead. With
-            DataLoader workers each worker counts its own.
+            count it in :attr:`bad_images` (distinct rows, each logged once) and return the
+            next readable row instead. With DataLoader workers each worker counts its own.
 
     Example:
         >>> ds = CGCDataset(splits.train, build_transform(data_config, train=True), splits.spec)
@@ -784,11 +784,16 @@ class CGCDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.unlabeled = unlabeled
         self.on_bad_image = on_bad_image
-        self.bad_images = 0
+        self.bad_rows: set[int] = set()
         self._decoder = datasets.Image()
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
+
+    @property
+    def bad_images(self) -> int:
+        """How many distinct rows were skipped as unreadable so far (``on_bad_image='skip'``)."""
+        return len(self.bad_rows)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         n = len(self)
@@ -800,10 +805,12 @@ class CGCDataset(torch.utils.data.Dataset):
                 if self.on_bad_image == "raise":
                     raise DataError(
                         f"row {row} of dataset {self.spec.name!r} has an unreadable image: {err}. "
-                        "Pass on_bad_image='skip' to substitute the next readable row."
+                        "Pass on_bad_image='skip' (--on_bad_image skip) to substitute the next "
+                        "readable row."
                     ) from err
-                self.bad_images += 1
-                logger.warning("skipping unreadable image at row %d: %s", row, err)
+                if row not in self.bad_rows:
+                    self.bad_rows.add(row)
+                    logger.warning("skipping unreadable image at row %d: %s", row, err)
         raise DataError(
             f"{min(n, 16)} consecutive rows from {index} of dataset {self.spec.name!r} have "
             "unreadable images; the data is likely broken."

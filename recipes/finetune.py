@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {"dataset": dataset, "seed": args.seed},
         )
     metrics = trainer.train()
+    # Counted only where items are loaded in this process (dataloader_num_workers=0).
+    skipped = sum(ds.bad_images for ds in (train_ds, eval_ds, unlabeled_ds) if ds is not None)
+    if skipped:
+        metrics["bad_images"] = skipped
+        logger.warning("skipped %d unreadable images (--on_bad_image skip)", skipped)
 
     # 7. Report, and share if asked.
     if trainer.accelerator.is_main_process:
@@ -403,6 +408,8 @@ def _print_summary(metrics: dict[str, Any], output_dir: str, cgc_lambda: float) 
     for key, label in names.items():
         if key in metrics:
             print(f"  {label:<46} {metrics[key]:.3f}")
+    if metrics.get("bad_images"):
+        print(f"  skipped {metrics['bad_images']} unreadable images (--on_bad_image skip)")
 
 
 if __name__ == "__main__":
