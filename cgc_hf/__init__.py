@@ -20,6 +20,7 @@ from .data import (
 )
 from .errors import (
     CGCError,
+    CGCMemoryError,
     CGCTypeError,
     CGCValueError,
     CheckpointError,
@@ -51,6 +52,7 @@ __all__ = [
     "CGCError",
     "CGCHubMixin",
     "CGCLoss",
+    "CGCMemoryError",
     "CGCModel",
     "CGCTrainer",
     "CGCTypeError",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CGCError, CGCTypeError, CGCValueError, close_matches
+from .errors import CGCMemoryError, CGCTypeError, CGCValueError, close_matches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,7 +92,7 @@ def create_backbone(
         return _create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs)
     except (torch.OutOfMemoryError, MemoryError) as err:
         name = name_or_model if isinstance(name_or_model, str) else type(name_or_model).__name__
-        raise CGCError(
+        raise CGCMemoryError(
             f"out of memory while building the model {name!r} with model_kwargs="
             f"{model_kwargs or {}} ({type(err).__name__}). Choose a smaller model (e.g. "
             "'resnet50' or 'vit_small_patch16_224'), free memory held by other processes, or "

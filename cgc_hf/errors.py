@@ -26,6 +26,10 @@ class DataError(CGCValueError):
     """A dataset, column or label does not fit what the run needs."""
 
 
+class CGCMemoryError(CGCError, MemoryError):
+    """The model or a training step does not fit in (device or host) memory."""
+
+
 class CheckpointError(CGCError, RuntimeError):
     """A checkpoint or saved model cannot be read or written."""
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .distributed import all_gather_rows
-from .errors import CGCError, CGCValueError, CheckpointError
+from .errors import CGCError, CGCMemoryError, CGCValueError, CheckpointError
 from .modeling import IGNORE_INDEX, CGCModel
 
 logger = logging.getLogger(__name__)
@@ -1064,7 +1064,7 @@ def _out_of_memory_advice(args: TrainingArguments) -> Iterator[None]:
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError) as err:
-        raise CGCError(
+        raise CGCMemoryError(
             f"out of memory in a training step with per_device_train_batch_size="
             f"{args.per_device_train_batch_size} and unlabeled_batch_size="
             f"{args.unlabeled_batch_size} ({type(err).__name__}). Lower the batch sizes (keep "

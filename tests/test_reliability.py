@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cgc_hf import CGCError, CGCModel, CheckpointError, build_transform
+from cgc_hf import CGCError, CGCMemoryError, CGCModel, CheckpointError, build_transform
 from cgc_hf.trainer import COMPLETE, CGCTrainer, TrainingArguments, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,14 +381,17 @@ def test_out_of_memory_at_build_and_in_a_step_is_advice(tmp_path, monkeypatch, e
 
     with monkeypatch.context() as m:
         m.setattr(timm, "create_model", too_big)
-        with pytest.raises(CGCError, match="out of memory while building the model 'resnet50'"):
+        with pytest.raises(
+            CGCMemoryError, match="out of memory while building the model 'resnet50'"
+        ):
             CGCModel.from_backbone("resnet50", num_labels=3, pretrained=False)
 
     model = tiny_model()
     trainer = trainer_for(tmp_path, model)
     model.forward = too_big
-    with pytest.raises(CGCError) as err:
+    with pytest.raises(CGCMemoryError) as err:
         trainer.train()
+    assert isinstance(err.value, MemoryError)  # still caught by code that expects the builtin
     assert "per_device_train_batch_size=4" in str(err.value)
     assert "gradient_accumulation_steps" in str(err.value)
 
