@@ -144,13 +144,49 @@ def _create_backbone(
         cfg = {
             "model_name": arch,
             "num_classes": model.num_classes,
-            "model_kwargs": model_kwargs,
+            "model_kwargs": _recorded_kwargs(model, model_kwargs),
             "pretrained_cfg": _jsonable(dict(model.pretrained_cfg)),
         }
     else:
         arch = type(model).__name__
         cfg = model.config.to_dict()
     return model, library, arch, cfg
+
+
+def _recorded_kwargs(model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``model``: the ones timm recorded, then the user's.
+
+    A model passed as an instance, or made from ``hf-hub:`` / ``local-dir:``, may have been built
+    with non-default arguments that its name does not carry; timm records them on the model.
+    Only plain JSON values are kept (a layer class cannot be saved; see
+    :func:`unrecordable_kwargs`).
+    """
+    try:
+        from timm.models import get_model_args
+    except ImportError:  # timm < 1.0.16 records nothing
+        return given
+    recorded = {k: v for k, v in (get_model_args(model) or {}).items() if k != "num_classes"}
+    plain = {k: v for k, v in recorded.items() if _is_plain(v)}
+    return {**_jsonable(plain), **given}
+
+
+def unrecordable_kwargs(model: nn.Module, given: dict[str, Any]) -> list[str]:
+    """Names of timm constructor arguments of ``model`` that JSON cannot hold (e.g. a layer
+    class) and the user did not pass by name: a rebuild from the config would silently differ."""
+    try:
+        from timm.models import get_model_args
+    except ImportError:
+        return []
+    recorded = get_model_args(model) or {}
+    return sorted(k for k, v in recorded.items() if not _is_plain(v) and k not in given)
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def rebuild_backbone(library: str, architecture: str, backbone_config: dict[str, Any]) -> nn.Module:
@@ -166,10 +202,12 @@ def rebuild_backbone(library: str, architecture: str, backbone_config: dict[str,
             **backbone_config.get("model_kwargs", {}),
         )
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     config_dict = dict(backbone_config)
-    model_type = config_dict.pop("model_type")
-    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    # from_dict, not the constructor: some configs (timm_wrapper) keep fields such as
+    # num_classes / label_names only through their own from_dict.
+    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     cls = getattr(transformers, architecture, None)
     if cls is None:
         raise CGCValueError(

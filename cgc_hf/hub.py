@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from torch import Tensor
 
-from .backbones import rebuild_backbone
+from .backbones import rebuild_backbone, unrecordable_kwargs
 from .card import model_card
 from .config import CGCConfig
 from .errors import CGCValueError, CheckpointError
@@ -147,6 +147,16 @@ class CGCHubMixin:
     def _check_rebuildable(self) -> None:
         """Rebuild the backbone from the config (on the meta device) and compare state dicts."""
         cfg = self.config
+        if cfg.library == "timm":
+            given = cfg.backbone_config.get("model_kwargs") or {}
+            hidden = unrecordable_kwargs(self.backbone, given)
+            if hidden:
+                raise CheckpointError(
+                    f"the timm backbone {cfg.architecture!r} was built with constructor arguments "
+                    f"{hidden} that a JSON config cannot hold (e.g. a layer class), so a reloaded "
+                    "model could compute something else. Build it with CGCModel.from_backbone("
+                    f"{cfg.architecture!r}, model_kwargs=...) using only plain values."
+                )
         try:
             with torch.device("meta"):  # structure only: no memory, no initialisation cost
                 rebuilt = rebuild_backbone(cfg.library, cfg.architecture, cfg.backbone_config)

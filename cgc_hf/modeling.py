@@ -16,6 +16,7 @@ from .backbones import (
     disable_fused_attention,
     logits_of,
     rebuild_backbone,
+    target_hints,
 )
 from .cam import class_scores, combine, linear_head_cam
 from .config import CGCConfig
@@ -123,13 +124,14 @@ class CGCModel(CGCHubMixin, nn.Module):
         size = tuple(self.config.data_config["input_size"][-2:])
         param = next(self.backbone.parameters())
         example = torch.randn(2, 3, *size, device=param.device)
+        layout_hint, prefix_hint = target_hints(self.backbone)
         return resolve_target(
             self.backbone,
             self._logits,
             example,
             name=name,
-            layout_hint=getattr(self.backbone, "output_fmt", None),
-            prefix_hint=getattr(self.backbone, "num_prefix_tokens", None),
+            layout_hint=layout_hint,
+            prefix_hint=prefix_hint,
         )
 
     def set_target_layer(self, name: str | None) -> TargetLayer:
@@ -182,6 +184,12 @@ class CGCModel(CGCHubMixin, nn.Module):
                 out["loss_ce"] = out["loss"] = self._ce(logits, labels)
                 out["loss_cgc"] = logits.new_zeros(())
             return out
+        if not torch.is_grad_enabled():
+            raise CGCValueError(
+                "the CGC training forward differentiates Grad-CAM heatmaps, so it cannot run under "
+                "torch.no_grad() / inference_mode(); call model.eval() for inference, or run the "
+                "training step with gradients enabled."
+            )
         cfg = self.config
         b, _, h, w = pixel_values.shape
         if geometry is None:

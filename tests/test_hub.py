@@ -161,7 +161,7 @@ def test_config_json_describes_everything_to_rebuild(saved) -> None:
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["cgc_hf_format_version"] == hub.FORMAT_VERSION
     assert cfg["library"] == "timm" and cfg["architecture"] == "resnet18"
-    assert cfg["backbone_config"]["model_kwargs"] == {"layers": [1, 1, 1, 1]}
+    assert cfg["backbone_config"]["model_kwargs"]["layers"] == [1, 1, 1, 1]
     assert cfg["id2label"] == {"0": "cat", "1": "dog", "2": "bird"}
     assert cfg["label2id"] == {"cat": 0, "dog": 1, "bird": 2}
     assert cfg["target"]["name"] == "layer4"
@@ -187,20 +187,24 @@ def test_rebuilding_never_downloads_backbone_weights(saved, monkeypatch, no_netw
 
 
 # ---------------------------------------------------------------------------------- saving
-def test_timm_instance_with_hidden_constructor_args_is_refused(tmp_path: Path) -> None:
+def test_timm_instance_with_hidden_constructor_args_round_trips(tmp_path: Path) -> None:
+    # timm records the constructor arguments on the model, so an instance built with
+    # non-default ones (here two-block stages) rebuilds exactly without the user naming them.
     backbone = timm.create_model("resnet18", num_classes=3, layers=(1, 1, 1, 1))
-    model = CGCModel.from_backbone(backbone)
-    with pytest.raises(CheckpointError, match=r"from_backbone\('resnet18', model_kwargs="):
-        model.save_pretrained(tmp_path / "m")
-    assert not (tmp_path / "m").exists()
-
-    # The advice in the message works: record the arguments, copy the weights in.
-    kwargs = {k: v for k, v in timm.models.get_model_args(backbone).items() if k != "num_classes"}
-    rebuilt = CGCModel.from_backbone("resnet18", 3, pretrained=False, model_kwargs=kwargs)
-    rebuilt.backbone.load_state_dict(trained_like(model).backbone.state_dict())
-    rebuilt.eval().save_pretrained(tmp_path / "m")
+    model = trained_like(CGCModel.from_backbone(backbone)).eval()
+    model.save_pretrained(tmp_path / "m")
     x = images()
     assert torch.equal(logits(CGCModel.from_pretrained(tmp_path / "m"), x), logits(model, x))
+
+
+def test_timm_instance_with_unsaveable_constructor_args_is_refused(tmp_path: Path) -> None:
+    # A layer class cannot go into JSON, and the state dict would not reveal the difference
+    # (same keys and shapes), so saving refuses instead of writing a model that reloads wrong.
+    backbone = timm.create_model("resnet18", num_classes=3, act_layer=torch.nn.LeakyReLU)
+    model = CGCModel.from_backbone(backbone)
+    with pytest.raises(CheckpointError, match=r"\['act_layer'\].*model_kwargs="):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_never_writes_a_folder_that_cannot_be_loaded(tmp_path: Path) -> None:
