@@ -191,3 +191,9 @@ def test_config_json_round_trip(vit):
 
 def test_backbone_attributes_are_forwarded(resnet):
     assert resnet.num_classes == 4 and resnet.fc is resnet.backbone.fc
+
+
+def test_training_forward_without_gradients_says_what_to_do(resnet):
+    resnet.train()
+    with torch.no_grad(), pytest.raises(CGCValueError, match="model.eval"):
+        resnet(torch.randn(2, 3, 64, 64))
