@@ -205,6 +205,10 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if config_path is not None:
         options = _read_yaml(Path(config_path))
+        other_model = cli.get("model_name_or_path", options.get("model_name_or_path"))
+        if other_model != options.get("model_name_or_path") and "model_kwargs" not in cli:
+            # The file's constructor arguments describe the file's model, not the one asked for.
+            options.pop("model_kwargs", None)
     options.update(cli)
     options["config"] = str(config_path) if config_path else None
     return options

@@ -134,3 +134,16 @@ def test_help_lists_flags_from_the_dataclasses():
         "--push_to_hub",
     ):
         assert flag in proc.stdout
+
+
+def test_config_model_kwargs_only_apply_to_the_config_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_args", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    default = recipe.parse_args([])  # synthetic.yaml narrows its own ResNet
+    assert default["model_kwargs"]["output_stride"] == 8
+    assert "model_kwargs" not in recipe.parse_args(["--model", "vit_tiny_patch16_224"])
+    mine = recipe.parse_args(["--model", "vit_tiny_patch16_224", "--model_kwargs", '{"depth": 2}'])
+    assert mine["model_kwargs"] == {"depth": 2}
