@@ -12,7 +12,8 @@ one process (median of several steps after warm-up):
   at input resolution.
 
 Peak memory is measured per mode in a fresh subprocess: on CUDA ``max_memory_allocated``; on CPU
-the growth of peak resident memory over the resident memory before the first step.
+the peak resident memory of the training steps (the kernel's peak mark is reset after the model
+is built) minus the resident memory before the first step.
 
 Usage:
     python benchmarks/cost.py                      # resnet50 and vit_small at 224 px, batch 8
@@ -123,9 +124,24 @@ def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings
             timings.append(time.perf_counter() - start)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process from ``/proc/self/status``, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5), so building the model and
+    resolving its target layer do not count towards the training steps' peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def memory_child(args) -> None:
@@ -140,13 +156,16 @@ def memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
+        reset = _reset_peak_rss()
+        base = _status_bytes("VmRSS")
     run_steps(
         model, args.modes[0], args.batch_sizes[0], args.image_size, args.device, 3, dtype, opt
     )
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
-    else:
+    elif reset:
+        peak = _status_bytes("VmHWM") - base
+    else:  # no clear_refs: the lifetime peak, which also holds model building
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     print(json.dumps({"peak_mib": peak / 2**20}))
 
