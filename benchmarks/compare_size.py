@@ -90,7 +90,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         loss = compare()
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        flat = torch.cat([g.flatten() for g in grads if g is not None])
+        flat = torch.cat([g.flatten() for g in grads if g is not None]).double()
         if ref_loss is None:
             ref_loss, ref_grad = loss.item(), flat
         rel = abs(loss.item() - ref_loss) / abs(ref_loss)
