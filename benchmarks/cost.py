@@ -170,6 +170,27 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_mib": peak / 2**20}))
 
 
+def profile(args) -> None:
+    """Print each mode's heaviest operators (self CPU/CUDA time) for one step after a warm-up."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    dtype = getattr(torch, args.dtype)
+    for name in args.models:
+        torch.manual_seed(0)
+        model = build(name, args.image_size, args.device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        for mode in args.modes:
+            batch = args.batch_sizes[0]
+            run_steps(model, mode, batch, args.image_size, args.device, 1, dtype, opt)
+            with torch_profile(activities=activities) as prof:
+                run_steps(model, mode, batch, args.image_size, args.device, 1, dtype, opt)
+            key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+            print(f"\n== {name} {mode} batch {batch}")
+            print(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
 def measure_memory(args, name: str, mode: str, batch: int) -> float:
     cmd = [
         sys.executable,
@@ -203,11 +224,18 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no_memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of timing, profile one step per mode and print where its time goes",
+    )
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.memory_child:
         return memory_child(args)
+    if args.profile:
+        return profile(args)
     dtype = getattr(torch, args.dtype)
     results = []
     print(
