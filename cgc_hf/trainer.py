@@ -152,6 +152,14 @@ class TrainingArguments:
         default=0,
         metadata={"help": "Steps of the insertion / deletion AUC metric (0 skips it: slow)."},
     )
+    cgc_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps over which the CGC weight grows linearly from 0 to "
+            "cgc_lambda (0: full weight from the start, as in the paper). Helps from random "
+            "weights, whose first heatmaps carry no signal."
+        },
+    )
     max_nonfinite_steps: int = field(
         default=5,
         metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss."},
@@ -183,6 +191,7 @@ class TrainingArguments:
                 _positive_int(self, name, "a positive integer, or None")
         for name in (
             "warmup_steps",
+            "cgc_warmup_steps",
             "eval_insertion_steps",
             "dataloader_num_workers",
             "figure_images",
@@ -644,6 +653,7 @@ class CGCTrainer:
                     window.buffers = _float_buffers(self.model)
                 with acc.accumulate(self.model), _out_of_memory_advice(args):
                     out = self.model(pixel_values, labels=labels)
+                    out["loss"] = self._ramped_loss(out)
                     finite = self._all_finite(out["loss"])
                     # Backward runs even on a bad loss, so every process takes part in DDP's
                     # gradient reduction; the resulting gradients are discarded below.
@@ -716,6 +726,15 @@ class CGCTrainer:
         bar.close()
         train_loss = state.loss_sum / max(state.loss_batches, 1)
         return self._finish(train_loss, time.perf_counter() - t_start)
+
+    def _ramped_loss(self, out: dict[str, Tensor]) -> Tensor:
+        """``out["loss"]``, with the CGC term scaled by the warm-up ramp while it lasts."""
+        ramp = self.args.cgc_warmup_steps
+        if ramp == 0 or self.state.global_step >= ramp:
+            return out["loss"]
+        weight = self.state.global_step / ramp  # 0 at the first step, 1 once the ramp is done
+        cgc_lambda = self.accelerator.unwrap_model(self.model).config.cgc_lambda
+        return out["loss_ce"] + weight * cgc_lambda * out["loss_cgc"]
 
     def _step_end(self) -> None:
         """Called after every optimizer step (a seam for subclasses and fault-injection tests)."""

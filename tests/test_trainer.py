@@ -384,3 +384,26 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path):
     assert [p.name for p in complete_checkpoints(out)] == ["step_2"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # no debris
     assert json.loads((out / "checkpoints" / "step_2" / COMPLETE).read_text())["global_step"] == 2
+
+
+def test_cgc_warmup_ramps_the_cgc_weight_linearly(tmp_path):
+    model = tiny_model(cgc_lambda=0.5)
+    args = args_for(tmp_path, max_train_steps=4, cgc_warmup_steps=4)
+    trainer = CGCTrainer(model, args, Tiny(16), None)
+    seen = []
+    real = trainer._ramped_loss
+
+    def spy(out):
+        seen.append((trainer.state.global_step, out["loss_ce"].item(), out["loss_cgc"].item()))
+        loss = real(out)
+        seen[-1] += (loss.item(),)
+        return loss
+
+    trainer._ramped_loss = spy
+    trainer.train()
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    for step, ce, cgc, loss in seen:  # loss = CE + (step / 4) * lambda * CGC during the ramp
+        assert abs(loss - (ce + step / 4 * 0.5 * cgc)) < 1e-5
+    assert seen[0][3] == pytest.approx(seen[0][1])  # the first step is cross-entropy alone
+    with pytest.raises(CGCValueError, match="cgc_warmup_steps"):
+        TrainingArguments(output_dir=str(tmp_path), cgc_warmup_steps=-1)
