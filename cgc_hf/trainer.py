@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from .distributed import all_gather_rows
 from .errors import CGCError, CGCMemoryError, CGCValueError, CheckpointError
 from .modeling import IGNORE_INDEX, CGCModel
+from .sampling import EpochSampler, SeededItems
 
 logger = logging.getLogger(__name__)
 
@@ -308,78 +307,6 @@ def _fp16_device_available() -> bool:
         return True
     xpu = getattr(torch, "xpu", None)
     return bool(xpu is not None and xpu.is_available())
-
-
-# ---------------------------------------------------------------------------------- data order
-class EpochSampler(Sampler):
-    """Indices in an order that is a pure function of ``(seed, epoch)``, tagged with the epoch.
-
-    Yields ``(epoch, index)`` pairs, which :class:`SeededItems` turns into items whose random
-    augmentation is a pure function of ``(seed, stream, epoch, index)``. With ``num_replicas``
-    it yields this process's share (as ``DistributedSampler`` does); ``start`` skips items of
-    the next pass only, which is how an unlabeled stream resumes mid-pass.
-    """
-
-    def __init__(
-        self, size: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
-    ) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.num_replicas)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-            order = torch.randperm(self.size, generator=g).tolist()
-        else:
-            order = list(range(self.size))
-        if self.num_replicas > 1:
-            order += order[: len(self) * self.num_replicas - self.size]  # equal share each
-            order = order[self.rank :: self.num_replicas]
-        start, self.start = self.start, 0
-        return iter([(self.epoch, i) for i in order[start:]])
-
-
-class SeededItems(Dataset):
-    """Wrap a map-style dataset so item ``(epoch, i)`` is drawn under its own RNG seed.
-
-    The torch, Python and NumPy generators are seeded from ``(seed, stream, epoch, i)`` around
-    the wrapped ``__getitem__`` and restored afterwards, so augmentations do not depend on when
-    or in which worker an item is loaded, and loading never disturbs the caller's RNG.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, stream: int) -> None:
-        self.dataset, self.seed, self.stream = dataset, seed, stream
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        s = _mix(self.seed, self.stream, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-
-def _mix(*values: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) % (2**63 - 1)
-    return h
 
 
 # ---------------------------------------------------------------------------------- state

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from cgc_hf import CGCError, CGCModel, CGCValueError
+from cgc_hf.sampling import EpochSampler
 from cgc_hf.trainer import (
     COMPLETE,
     CGCTrainer,
-    EpochSampler,
     TrainingArguments,
     complete_checkpoints,
     latest_checkpoint,
