@@ -1,6 +1,6 @@
 """cgc_hf: Contrastive Grad-CAM Consistency fine-tuning for timm and transformers classifiers."""
 
-from .augment import CropFlip, sample_crop_flip, warp
+from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
 from .config import METHOD_FIELDS, CGCConfig
@@ -67,6 +67,7 @@ __all__ = [
     "TargetLayer",
     "TargetLayerError",
     "TrainingArguments",
+    "align_heatmaps",
     "box_to_mask",
     "build_transform",
     "collate",

@@ -130,3 +130,26 @@ def warp(x: Tensor, t: CropFlip, size: tuple[int, int] | int | None = None) -> T
     grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)  # (B,H',W',2)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(1) if squeeze else out
+
+
+def align_heatmaps(
+    heatmaps: Tensor, heatmaps_aug: Tensor, t: CropFlip, size: int | tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Put ``T(heatmap(x))`` and ``heatmap(T(x))`` on one comparison grid.
+
+    The original view's heatmap is warped by ``t`` straight to ``size``; the augmented view's is
+    resized to it (bilinear). The CGC loss and the consistency metric both compare this pair.
+
+    Args:
+        heatmaps: heatmaps of the original images, ``(B, h, w)``.
+        heatmaps_aug: heatmaps of ``warp(images, t)``, ``(B, h, w)``.
+        t: the crop/flip that made the augmented view.
+        size: side or ``(H, W)`` of the comparison grid.
+
+    Returns:
+        ``(positive, augmented)``, each ``(B, H, W)``.
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    pos = warp(heatmaps, t.to(heatmaps.device), size)  # (B, H, W) T(heatmap(x))
+    aug = F.interpolate(heatmaps_aug[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+    return pos, aug  # (B, H, W) each

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import sample_crop_flip, warp
+from .augment import align_heatmaps, sample_crop_flip, warp
 from .errors import CGCValueError
 from .modeling import IGNORE_INDEX
 
@@ -178,8 +178,7 @@ def consistency(
     # One explain call over both views: a single forward/backward instead of two.
     cams = model.explain(torch.cat([pixel_values, x_aug]), torch.cat([classes, classes]))
     cam, cam_aug = cams.float().split(b)  # (B, h', w') each
-    pos = warp(cam, geometry, size)  # (B, S, S) T(heatmap(x))
-    aug = heatmap_to_image_size(cam_aug, (size, size))  # (B, S, S) heatmap(T(x))
+    pos, aug = align_heatmaps(cam, cam_aug, geometry, size)  # (B, S, S) each, as the loss
     return F.cosine_similarity(pos.flatten(1), aug.flatten(1), dim=1, eps=1e-12)  # (B,)
 
 

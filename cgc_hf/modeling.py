@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import CropFlip, sample_crop_flip, warp
+from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .backbones import (
     create_backbone,
     data_config_of,
@@ -208,9 +208,7 @@ class CGCModel(CGCHubMixin, nn.Module):
             cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), create_graph=True
         )  # (2B, h', w')
         cam, cam_aug = cams.split(b)
-        size = (cfg.compare_size, cfg.compare_size)
-        cam_pos = warp(cam, geometry.to(cam.device), size)  # (B, S, S) T(heatmap(x))
-        cam_aug = F.interpolate(cam_aug[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+        cam_pos, cam_aug = align_heatmaps(cam, cam_aug, geometry, cfg.compare_size)  # (B, S, S)
         loss_cgc = self._cgc(cam_aug, cam_pos)
         if labels is None:
             loss_ce = logits.sum() * 0.0
