@@ -138,6 +138,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 def test_gather_loss_and_heatmap_gradients_match_full_batch(ranks):
     aug, pos = _heatmaps(BATCH)
     aug.requires_grad_(True)
@@ -157,6 +158,7 @@ def test_gather_loss_and_heatmap_gradients_match_full_batch(ranks):
     assert aug.grad.abs().sum() > 0  # the comparison is not between zeros
 
 
+@pytest.mark.slow
 def test_uneven_shares_give_the_full_batch_rows(ranks):
     aug, pos = _heatmaps(BATCH)
     full = CGCLoss(0.5)(aug, pos)
@@ -164,6 +166,7 @@ def test_uneven_shares_give_the_full_batch_rows(ranks):
     torch.testing.assert_close(weighted, full)
 
 
+@pytest.mark.slow
 def test_ddp_model_gradients_equal_single_process_full_batch(ranks):
     model = _model()
     model.train()
@@ -184,6 +187,7 @@ def test_ddp_model_gradients_equal_single_process_full_batch(ranks):
     assert out["loss_cgc"] > 0
 
 
+@pytest.mark.slow
 def test_trainer_installs_gather_and_counts_each_eval_image_once(ranks):
     runs = [r["trainer"] for r in ranks]
     assert all(t["num_processes"] == WORLD and t["gather_installed"] for t in runs)

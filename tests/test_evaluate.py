@@ -121,6 +121,7 @@ def _metrics(out: Path, name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------- the run
+@pytest.mark.slow
 def test_table_printed_with_one_column_per_model(recipe_run, saved_models):
     proc, _ = recipe_run
     lines = proc.stdout.splitlines()
@@ -146,6 +147,7 @@ def test_table_printed_with_one_column_per_model(recipe_run, saved_models):
     assert f"{NUM_IMAGES} images" in proc.stdout
 
 
+@pytest.mark.slow
 def test_json_accuracy_matches_independent_loop(recipe_run, saved_models):
     _, out = recipe_run
     comparison = json.loads((out / "comparison.json").read_text())
@@ -171,6 +173,7 @@ def test_json_accuracy_matches_independent_loop(recipe_run, saved_models):
     )
 
 
+@pytest.mark.slow
 def test_explanation_metrics_for_a_dataset_with_masks(recipe_run):
     _, out = recipe_run
     for name in ("cgc", "baseline"):
@@ -202,6 +205,7 @@ def test_explanation_metrics_for_a_dataset_with_masks(recipe_run):
         )
 
 
+@pytest.mark.slow
 def test_comparison_figure_holds_every_model(recipe_run):
     from PIL import Image
 
@@ -214,6 +218,7 @@ def test_comparison_figure_holds_every_model(recipe_run):
         assert image.size == (530, 800)
 
 
+@pytest.mark.slow
 def test_consistency_is_seeded(recipe_run, saved_models, tmp_path):
     """Same seed, in-process this time: the same transforms, so the same per-image values."""
     _, out = recipe_run
@@ -225,6 +230,7 @@ def test_consistency_is_seeded(recipe_run, saved_models, tmp_path):
     assert not (tmp_path / "comparison.png").exists()  # --figure_images 0
 
 
+@pytest.mark.slow
 def test_two_processes_count_each_image_once(recipe_run, saved_models, tmp_path):
     """torchrun with 2 CPU processes: gather_for_metrics must drop the padding rows.
 
@@ -277,6 +283,7 @@ def test_dataset_without_masks_skips_mask_metrics(saved_models, tmp_path, capsys
 
 
 # ---------------------------------------------------------------------------------- errors
+@pytest.mark.slow
 def test_missing_model_dir_is_one_line_and_exit_2(tmp_path):
     missing = tmp_path / "no-such-run" / "model"
     cmd = [sys.executable, str(RECIPE), "--model", str(missing), "--output_dir", str(tmp_path)]

@@ -44,6 +44,7 @@ def run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_cgc_run_end_to_end_with_labels_split_and_config(tmp_path):
     out = tmp_path / "cgc"
     config = tmp_path / "c.yaml"
@@ -79,6 +80,7 @@ def test_cgc_run_end_to_end_with_labels_split_and_config(tmp_path):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_no_cgc_baseline_fully_supervised(tmp_path):
     out = tmp_path / "base"
     proc = run(
@@ -94,6 +96,7 @@ def test_no_cgc_baseline_fully_supervised(tmp_path):
     assert again.stderr.strip().splitlines()[-1].startswith("error: output_dir=")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -118,6 +121,7 @@ def test_failures_are_one_line_errors(tmp_path, argv, needle):
     assert not (tmp_path / "x" / "args.json").exists()  # nothing written half-way
 
 
+@pytest.mark.slow
 def test_help_lists_flags_from_the_dataclasses():
     proc = run("--help", timeout=60)
     assert proc.returncode == 0

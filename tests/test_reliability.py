@@ -189,6 +189,7 @@ def _fresh_accelerate():
 
 
 # ---------------------------------------------------------------------------------- kill -9
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "at"),
     [("step", 5), ("save", 6)],
@@ -211,6 +212,7 @@ def test_kill_9_then_resume_latest_gives_the_uninterrupted_run(tmp_path, referen
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_repeatedly(tmp_path, reference):
     out = tmp_path / "run"
     argv = [*RESUMABLE, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
@@ -548,6 +550,7 @@ def test_bad_input_is_one_line_naming_argument_value_and_fix(
     assert not out.exists()  # nothing written half-way
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_command_line_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     proc = run_recipe(*TINY, "--train_crop_scale", "0", "1", "--output_dir", str(out), timeout=120)
@@ -597,6 +600,7 @@ def test_crop_scale_outside_unit_interval_is_refused_by_build_transform():
 
 
 # ---------------------------------------------------------------------------------- security
+@pytest.mark.slow
 def test_hub_token_is_in_no_file_a_run_writes(tmp_path):
     out = tmp_path / "run"
     # `--hub_tok` is argparse's accepted abbreviation of --hub_token: it must be hidden too.
