@@ -17,6 +17,9 @@ from .errors import CGCValueError
 CAM_METHODS = ("grad_x_act", "gradcam")
 CAM_TARGETS = ("predicted", "label")
 LIBRARIES = ("timm", "transformers")
+IGNORE_INDEX = -100  # label of an unlabeled row (the Hugging Face convention)
+DEFAULT_CROP_SCALE = (0.08, 1.0)  # random resized crop area range (the paper's, as torchvision's)
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)  # random resized crop aspect-ratio range
 
 
 @dataclass

@@ -38,3 +38,9 @@ def close_matches(name: str, choices: Iterable[str], n: int = 5) -> str:
     """Format the nearest names to ``name`` for an error message ("" when none are near)."""
     matches = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" Close matches: {', '.join(repr(m) for m in matches)}." if matches else ""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

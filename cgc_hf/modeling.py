@@ -19,15 +19,13 @@ from .backbones import (
     target_hints,
 )
 from .cam import class_scores, combine, linear_head_cam
-from .config import CGCConfig
+from .config import IGNORE_INDEX, CGCConfig
 from .errors import CGCValueError
 from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100  # label of an unlabeled row (Hugging Face convention)
 
 
 class CGCModel(CGCHubMixin, nn.Module):

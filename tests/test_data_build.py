@@ -1,0 +1,82 @@
+"""build_datasets: the labeled / unlabeled / eval datasets of a run, as the recipe used them."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgc_hf import build_datasets
+from cgc_hf.data import IGNORE_INDEX, DataError, load_splits, split_labeled
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONFIG = {"input_size": (3, 24, 24), "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 1.0}
+SYNTHETIC = {"train_size": 24, "eval_size": 8, "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_splits("synthetic", seed=3, synthetic_kwargs=SYNTHETIC)
+
+
+def test_labels_per_class_splits_the_training_rows_as_split_labeled(splits):
+    data = build_datasets(splits, CONFIG, labels_per_class=2, seed=3)
+    lab, unl = split_labeled(splits.train, labels_per_class=2, seed=3)
+    assert (data.labeled_idx, data.unlabeled_idx) == (lab, unl)
+    assert len(data.labeled) == len(lab) and len(data.unlabeled) == len(unl)
+    assert len(data.eval) == len(splits.eval)
+    assert data.label_setting == f"{len(lab)} of {len(splits.train)} training labels"
+    # Unlabeled rows carry IGNORE_INDEX; labeled rows their own label, in row order.
+    assert int(data.unlabeled[0]["labels"]) == IGNORE_INDEX
+    assert int(data.labeled[1]["labels"]) == splits.train[lab[1]]["label"]
+    item = data.labeled[0]
+    assert item["pixel_values"].shape == (3, 24, 24) and item["mask"].shape == (24, 24)
+
+
+def test_all_labels_and_no_unlabeled_data(splits):
+    data = build_datasets(splits, CONFIG)
+    assert data.labeled_idx == list(range(len(splits.train))) and data.unlabeled is None
+    assert data.label_setting == "all training labels"
+    # "none" drops the rows a label budget left over: the fully-supervised setting.
+    none = build_datasets(splits, CONFIG, labels_per_class=2, unlabeled="none")
+    assert none.unlabeled is None and none.unlabeled_idx == []
+    assert len(none.labeled) == 2 * splits.num_labels
+
+
+def test_train_transform_is_random_and_eval_transform_is_not(splits):
+    data = build_datasets(splits, CONFIG)
+    torch.manual_seed(0)
+    a, b = data.labeled[0]["pixel_values"], data.labeled[0]["pixel_values"]
+    assert not torch.equal(a, b)
+    assert torch.equal(data.eval[0]["pixel_values"], data.eval[0]["pixel_values"])
+    # crop_scale (1, 1) with ratio (1, 1) on a square image is the whole image, maybe flipped.
+    whole = build_datasets(splits, CONFIG, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    x = whole.labeled[0]["pixel_values"]
+    ref = whole.eval.transform(Image.fromarray(np.asarray(splits.train[0]["image"])))
+    assert torch.allclose(x, ref, atol=1e-5) or torch.allclose(x, ref.flip(-1), atol=1e-5)
+    with pytest.raises(DataError, match="scale"):
+        build_datasets(splits, CONFIG, crop_scale=(0.5, 2.0))
+
+
+def test_a_flat_folder_of_images_is_an_unlabeled_pool(splits, tmp_path):
+    # No class subfolders, so no label column: unlabeled data needs none.
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    data = build_datasets(splits, CONFIG, unlabeled=str(tmp_path / "pool"), seed=3)
+    assert len(data.unlabeled) == 5 and data.unlabeled_idx == []
+    assert int(data.unlabeled[0]["labels"]) == IGNORE_INDEX
+    assert data.unlabeled[0]["pixel_values"].shape == (3, 24, 24)
+
+
+def test_bad_images_are_counted_across_the_datasets(splits):
+    data = build_datasets(splits, CONFIG, labels_per_class=2, on_bad_image="skip")
+    assert data.bad_images == 0
+    data.labeled.bad_rows.add(0)
+    data.eval.bad_rows.update({1, 2})
+    assert data.bad_images == 3
