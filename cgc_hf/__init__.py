@@ -7,6 +7,7 @@ from .config import METHOD_FIELDS, CGCConfig
 from .data import (
     DATASETS,
     CGCDataset,
+    DataArguments,
     DatasetSpec,
     Splits,
     TrainingData,
@@ -62,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "CropFlip",
     "DATASETS",
+    "DataArguments",
     "DataError",
     "DatasetSpec",
     "METHOD_FIELDS",

@@ -2,9 +2,12 @@
 splits, transforms taken from the model's own data config, and a collate function.
 
 One module per step: :mod:`.registry` (named datasets and their columns), :mod:`.loading`
-(any source to checked splits), :mod:`.splits` (labeled / unlabeled choice), :mod:`.images`
-(image modes, masks, boxes), :mod:`.transforms`, :mod:`.dataset` (the torch dataset and collate)
-and :mod:`.build` (the three datasets of a run).
+(any source to checked splits), :mod:`.columns` (finding and checking columns),
+:mod:`.labels` (a ``ClassLabel`` a head can be sized to), :mod:`.mask_folder` (masks matched
+by file name), :mod:`.splits` (labeled / unlabeled choice), :mod:`.images` (image modes and
+pixel arrays), :mod:`.annotations` (masks and boxes to object masks), :mod:`.transforms`,
+:mod:`.dataset` (the torch dataset and collate), :mod:`.build` (the three datasets of a run)
+and :mod:`.options` (the data options as a dataclass).
 
 Example:
     >>> splits = load_splits("synthetic", synthetic_kwargs={"train_size": 80, "eval_size": 20})
@@ -16,11 +19,13 @@ Example:
 
 from ..config import IGNORE_INDEX
 from ..errors import DataError
+from .annotations import BOX_FORMATS, MaskRule, box_to_mask
 from .build import TrainingData, build_datasets
 from .dataset import BAD_IMAGE_POLICIES, CGCDataset, collate
-from .images import box_to_mask, to_rgb
+from .images import array_to_image, to_rgb
 from .loading import Splits, load_splits, load_unlabeled
-from .registry import BOX_FORMATS, DATASETS, DatasetSpec
+from .options import LOAD_FIELDS, DataArguments
+from .registry import DATASETS, DatasetSpec
 from .splits import load_split, save_split, split_labeled
 from .transforms import build_transform
 
@@ -30,10 +35,14 @@ __all__ = [
     "CGCDataset",
     "DATASETS",
     "DataError",
+    "DataArguments",
     "DatasetSpec",
     "IGNORE_INDEX",
+    "LOAD_FIELDS",
+    "MaskRule",
     "Splits",
     "TrainingData",
+    "array_to_image",
     "box_to_mask",
     "build_datasets",
     "build_transform",

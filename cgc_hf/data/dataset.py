@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ..config import IGNORE_INDEX
 from ..errors import DataError, close_matches, first_line
-from .images import box_to_mask, foreground, to_rgb
+from .annotations import box_to_mask, foreground
+from .images import array_to_image, to_rgb
 from .registry import DatasetSpec
 
 logger = logging.getLogger(__name__)
@@ -114,12 +115,16 @@ class CGCDataset(torch.utils.data.Dataset):
             "unreadable images; the data is likely broken."
         )
 
-    def _decode(self, value: Any, row: int, col: str) -> Image.Image:
+    def _decode(self, value: Any, col: str) -> Image.Image:
+        if value is None:
+            raise _BadImage(f"column {col!r} is empty (None)")
         try:
+            if isinstance(value, (list, np.ndarray)):  # an Array2D / Array3D or list column
+                return array_to_image(value)
             image = self._decoder.decode_example(value)
             image.load()
             return image
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as err:
             raise _BadImage(f"column {col!r}: {type(err).__name__}: {first_line(err)}") from err
 
     def _item(self, row: int) -> dict[str, Tensor]:
@@ -127,20 +132,26 @@ class CGCDataset(torch.utils.data.Dataset):
 
         spec = self.spec
         record = self.hf_dataset[row]
-        image = self._decode(record[spec.image_column], row, spec.image_column)
+        image = self._decode(record[spec.image_column], spec.image_column)
         try:
             image = to_rgb(image)
         except (OSError, ValueError) as err:
-            raise _BadImage(f"{type(err).__name__}: {first_line(err)}") from err
+            raise _BadImage(f"column {spec.image_column!r}: {first_line(err)}") from err
         width, height = image.size
         obj = None
         if spec.mask_column is not None:
-            mask_image = self._decode(record[spec.mask_column], row, spec.mask_column)
+            mask_image = self._decode(record[spec.mask_column], spec.mask_column)
+            obj = foreground(mask_image, spec.mask_rule)  # (h', w') bool, the mask's own grid
             if mask_image.size != image.size:
-                mask_image = mask_image.resize(image.size, Image.NEAREST)
-            obj = foreground(mask_image, spec.mask_foreground)  # (h, w) bool
+                # A mask stored at another resolution covers the same field of view: bring it
+                # to the image's grid, then the transform moves both alike.
+                obj = np.asarray(Image.fromarray(obj).resize(image.size, Image.NEAREST))
         elif spec.box_column is not None:
-            obj = box_to_mask(record[spec.box_column], width, height, spec.box_format)
+            box = record[spec.box_column]
+            try:
+                obj = box_to_mask(box, width, height, spec.box_format)  # (h, w) bool
+            except DataError as err:
+                raise _BadImage(f"column {spec.box_column!r}: {err}") from err
         transform = self.transform or _default_transform()
         out: dict[str, Tensor] = {}
         if obj is not None:

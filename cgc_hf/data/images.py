@@ -1,41 +1,47 @@
-"""Image utilities: any PIL mode to RGB, object masks from mask images and boxes.
+"""Image utilities: any PIL mode or pixel array to 8-bit RGB, without losing its values.
 
 Example:
     >>> to_rgb(Image.new("I;16", (4, 4))).mode
     'RGB'
-    >>> box_to_mask([2, 1, 5, 3], width=6, height=4).sum()
-    6
+    >>> to_rgb(array_to_image(np.full((4, 4), 0.5, np.float32))).getpixel((0, 0))
+    (128, 128, 128)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..errors import DataError
-
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
-    Grayscale is replicated, 16-bit and 32-bit integer or float images are scaled to 0-255
-    (16-bit by 1/257; wider ranges by their own min and max), palette images go through their
-    palette, and transparency is composited onto white.
+    Grayscale is replicated; 16-bit images are scaled by 1/257; float images (mode ``F``, as
+    float TIFFs and float arrays decode) in [0, 1] are scaled by 255, in [0, 255] kept; wider
+    ranges of 32-bit integer or float images are scaled by their own min and max. Palette
+    images go through their palette, and transparency is composited onto white.
+
+    Raises:
+        ValueError: the image has NaN or infinite pixels (no value to show them as).
     """
     mode = image.mode
     if mode == "RGB":
         return image
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(image, dtype=np.float64)  # (H, W)
-        if mode.startswith("I;16") or (arr.min() >= 0 and arr.max() <= 65535 and arr.max() > 255):
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ValueError(f"{bad} of {arr.size} pixels are NaN or infinite")
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+        if mode == "F" and lo >= 0 and hi <= 1:
+            arr = arr * 255.0  # float images store intensities as fractions
+        elif mode.startswith("I;16") or (lo >= 0 and hi <= 65535 and hi > 255):
             arr = arr / 257.0
-        elif arr.min() < 0 or arr.max() > 255:
-            lo, hi = float(arr.min()), float(arr.max())
+        elif lo < 0 or hi > 255:
             arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # mode L
         return gray.convert("RGB")
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -47,55 +53,48 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def foreground(mask: Image.Image, values: tuple[int, ...] | None) -> np.ndarray:
-    """Boolean ``(H, W)`` object mask from a mask image.
+def array_to_image(value: Any) -> Image.Image:
+    """A pixel array (an ``Array2D`` / ``Array3D`` column, nested lists, numpy) as a PIL image.
 
-    ``values`` lists the values that mean "object" (e.g. trimap codes); None: nonzero for 0/1
-    masks, above 127 for 0-255 masks.
+    Accepts ``(H, W)``, ``(H, W, C)`` and channels-first ``(C, H, W)`` with C in 1, 3, 4;
+    integers as 0-255 (16-bit ranges as 0-65535), booleans as 0 / 255, floats as :func:`to_rgb`
+    reads them (fractions in [0, 1], or 0-255).
+
+    Raises:
+        ValueError: another shape, or NaN / infinite values.
     """
-    if mask.mode in ("RGB", "RGBA", "LA", "P") and values is None:
-        mask = mask.convert("L")
-    arr = np.asarray(mask)
-    if arr.ndim == 3:
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"pixel values must be numbers; got an array of {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    if values is not None:
-        return np.isin(arr, np.asarray(values))
-    return arr > (0 if arr.max(initial=0) <= 1 else 127)
-
-
-def box_to_mask(box: Any, width: int, height: int, box_format: str = "xyxy") -> np.ndarray:
-    """Rasterise a box (or a list of boxes, united) into a boolean ``(height, width)`` mask.
-
-    A pixel is inside when its centre is: ``x0 <= x + 0.5 < x1`` (pixel-edge coordinates).
-    """
-    out = np.zeros((height, width), dtype=bool)
-    boxes = box if _is_box_list(box) else [box]
-    for b in boxes:
-        x0, y0, x1, y1 = _box_xyxy(b, width, height, box_format)
-        c0, c1 = max(0, math.ceil(x0 - 0.5)), min(width, math.ceil(x1 - 0.5))
-        r0, r1 = max(0, math.ceil(y0 - 0.5)), min(height, math.ceil(y1 - 0.5))
-        out[r0:r1, c0:c1] = True
-    return out
-
-
-def _is_box_list(box: Any) -> bool:
-    return (
-        isinstance(box, (list, tuple))
-        and len(box) > 0
-        and isinstance(box[0], (list, tuple, dict, np.ndarray))
-    )
-
-
-def _box_xyxy(box: Any, width: int, height: int, fmt: str) -> tuple[float, ...]:
-    if isinstance(box, dict):
-        return tuple(float(box[k]) for k in ("xmin", "ymin", "xmax", "ymax"))
-    vals = [float(v) for v in box]
-    if len(vals) != 4:
-        raise DataError(f"a box needs 4 numbers; got {box!r}.")
-    if fmt == "xywh":
-        x, y, w, h = vals
-        return x, y, x + w, y + h
-    if fmt == "yxyx_norm":
-        y0, x0, y1, x1 = vals
-        return x0 * width, y0 * height, x1 * width, y1 * height
-    return tuple(vals)
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))) or min(arr.shape) == 0:
+        raise ValueError(
+            f"pixel array has shape {tuple(np.shape(value))}; expected (H, W), (H, W, C) or "
+            "(C, H, W) with C in 1, 3, 4"
+        )
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    floating = np.issubdtype(arr.dtype, np.floating)
+    if floating and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"{bad} of {arr.size} pixel values are NaN or infinite")
+    if arr.ndim == 2:
+        if floating:
+            return Image.fromarray(arr.astype(np.float32))  # mode F
+        if arr.min(initial=0) >= 0 and arr.max(initial=0) <= 255:
+            return Image.fromarray(arr.astype(np.uint8))  # mode L
+        return Image.fromarray(arr.astype(np.int32))  # mode I
+    # Colour: PIL has no float colour mode, so scale to 8 bits here, as to_rgb does for gray.
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    arr = arr.astype(np.float64)
+    if floating and lo >= 0 and hi <= 1:
+        arr = arr * 255.0
+    elif lo >= 0 and hi > 255 and hi <= 65535:
+        arr = arr / 257.0
+    elif lo < 0 or hi > 255:
+        arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    out = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)  # mode RGB or RGBA

@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import DataError, close_matches, first_line
 from ..synthetic import make_synthetic
+from .columns import check_columns, find_columns, name_columns, settle_object
+from .labels import cast_labels
+from .mask_folder import attach_mask_folder
 from .registry import DATASETS, DatasetSpec
 from .splits import holdout, label_array
 
 logger = logging.getLogger(__name__)
-
-_EVAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 
 
 @dataclass
@@ -48,11 +47,18 @@ def load_splits(
     *,
     image_column: str | None = None,
     label_column: str | None = None,
+    mask_column: str | None = None,
+    box_column: str | None = None,
+    box_format: str | None = None,
+    mask_foreground: tuple[int, ...] | None = None,
+    mask_threshold: float | None = None,
+    mask_dir: str | os.PathLike | None = None,
     eval_split: str | None = None,
     seed: int = 0,
     synthetic_kwargs: dict[str, Any] | None = None,
     source: Any = None,
     eval_fraction: float = 0.1,
+    remap_labels: bool = False,
 ) -> Splits:
     """Load a dataset's train and eval splits, check its columns, and make labels ``ClassLabel``.
 
@@ -62,6 +68,18 @@ def load_splits(
             ``DatasetDict`` object.
         image_column: override of the image column (``--image_column_name``).
         label_column: override of the label column (``--label_column_name``).
+        mask_column: column of object masks (``--mask_column_name``); default: the registry's,
+            or an image column named like a mask (logged).
+        box_column: column of object boxes (``--box_column_name``); default: the registry's, or
+            a column of 4 numbers or named fields named like a box (logged).
+        box_format: ``xyxy`` / ``xywh`` (pixels), ``xyxy_norm`` / ``xywh_norm`` (fractions of
+            the image size) or ``yxyx_norm``; structs of named fields are read by name.
+        mask_foreground: mask values that are the object (``--mask_foreground_values 1 3`` for
+            a trimap); default: decided from a sample of masks (binary: nonzero; soft: above
+            half of the full scale, > 127 of 255; label-index: nonzero), logged.
+        mask_threshold: object where the mask is above this share of its full scale.
+        mask_dir: a folder of masks with the images' file names (any image extension, the
+            same subfolders or flat), for an image folder or a dataset whose images have paths.
         eval_split: split to evaluate on (default: the spec's; a missing one is replaced by a
             seeded, stratified ``eval_fraction`` of the training split).
         seed: seed of the synthetic data and of a held-out eval slice.
@@ -69,20 +87,36 @@ def load_splits(
         source: for a registry name, read its columns from this local copy (a ``save_to_disk``
             directory or a ``DatasetDict``) instead of the Hub, e.g. on a machine offline.
         eval_fraction: share of each class held out when there is no eval split.
+        remap_labels: number sparse integer labels ``0..K-1`` (see :mod:`.labels`).
 
     Returns:
-        :class:`Splits`; ``spec`` names the columns actually used.
+        :class:`Splits`; ``spec`` names the columns actually used and the mask rule.
 
     Raises:
-        DataError: the dataset cannot be found or downloaded, a split or column is missing, or
-            a label is outside ``[0, num_labels)``.
+        DataError: the dataset cannot be found or downloaded, a split or column is missing,
+            a label is missing or outside ``[0, num_labels)``, there are fewer than two
+            classes, or masks / boxes do not fit their options.
     """
     spec, dd = _resolve(dataset, source, seed, synthetic_kwargs or {})
-    spec = dataclasses.replace(
+    if mask_dir is not None:
+        if mask_column is not None:
+            raise DataError(
+                f"mask_dir ({str(mask_dir)!r}) and mask_column ({mask_column!r}) both name the "
+                "masks; give one."
+            )
+        root = source if source is not None else dataset
+        dd, mask_column = attach_mask_folder(dd, mask_dir, image_column or spec.image_column, root)
+    named = {"mask_column": mask_column, "box_column": box_column}
+    spec = name_columns(
         spec,
-        image_column=image_column or spec.image_column,
-        label_column=label_column or spec.label_column,
+        image_column=image_column,
+        label_column=label_column,
+        box_format=box_format,
+        mask_foreground=mask_foreground,
+        mask_threshold=mask_threshold,
+        **named,
     )
+    named_roles = tuple(k for k, v in named.items() if v is not None)
     splits = list(dd)
     if spec.train_split not in dd:
         raise DataError(
@@ -101,13 +135,14 @@ def load_splits(
         )  # fmt: skip
         wanted_eval = None
     train = dd[spec.train_split]
-    spec = _check_columns(train, spec, spec.train_split)
+    spec = check_columns(train, spec, spec.train_split, named=named_roles)
     if wanted_eval is not None:
         evald = dd[wanted_eval]
-        _check_columns(evald, spec, wanted_eval)
+        check_columns(evald, spec, wanted_eval, named=named_roles)
     else:
         evald = None
-    train, evald, names = _cast_labels(train, evald, spec)
+    train, evald, names = cast_labels(train, evald, spec, remap_labels=remap_labels)
+    spec = settle_object(train, spec)
     if evald is None:
         rest, held = holdout(label_array(train, spec.label_column), eval_fraction, seed)
         train, evald = train.select(rest), train.select(held)
@@ -150,7 +185,7 @@ def load_unlabeled(
             f"unlabeled dataset {spec.name!r} has no split {spec.train_split!r}; it has {list(dd)}."
         )
     rows = dd[spec.train_split]
-    _check_columns(rows, spec, spec.train_split, need_label=False)
+    check_columns(rows, spec, spec.train_split, need_label=False)
     logger.info("unlabeled pool %r: %d images", spec.name, len(rows))
     return rows, spec
 
@@ -161,7 +196,7 @@ def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, A
 
     if isinstance(dataset, (datasets.Dataset, datasets.DatasetDict)):
         dd = _as_dict(dataset)
-        return _generic_spec("<in-memory dataset>", None, dd), dd
+        return find_columns("<in-memory dataset>", None, dd), dd
     if not isinstance(dataset, (str, os.PathLike)):
         raise DataError(
             f"dataset must be a registry name, Hub id, directory or datasets object; got "
@@ -178,7 +213,7 @@ def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, A
         return spec, _load_hub(spec.hub_id, name)
     if os.path.isdir(name):
         dd = _load_local(name)
-        return _generic_spec(name, None, dd), dd
+        return find_columns(name, None, dd), dd
     if os.path.exists(name):
         raise DataError(
             f"dataset {name!r} is a file; pass a directory (an image folder or a save_to_disk "
@@ -190,7 +225,7 @@ def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, A
             f"directory, or a Hub id of the form 'owner/name'.{close_matches(name, DATASETS)}"
         )
     dd = _load_hub(name, name)
-    return _generic_spec(name, name, dd), dd
+    return find_columns(name, name, dd), dd
 
 
 def _as_dict(obj: Any):
@@ -234,117 +269,3 @@ def _load_hub(hub_id: str | None, name: str):
             f"{first_line(err)}. Download it where the Hub is reachable and pass the "
             "save_to_disk copy (load_splits(name, source=DIR)), or use dataset='synthetic'."
         ) from err
-
-
-def _generic_spec(name: str, hub_id: str | None, dd: Any) -> DatasetSpec:
-    """Guess the columns of a dataset outside the registry from its features."""
-    import datasets
-
-    first = next(iter(dd.values()))
-    feats = first.features
-    images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
-    classes = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]
-    label = classes[0] if len(classes) == 1 else ("labels" if "labels" in feats else "label")
-    splits = list(dd)
-    train = "train" if "train" in dd else splits[0]
-    evals = [s for s in _EVAL_SPLIT_NAMES if s in dd and s != train]
-    return DatasetSpec(
-        name=name,
-        hub_id=hub_id,
-        image_column=images[0] if images else "image",
-        label_column=label,
-        train_split=train,
-        eval_split=evals[0] if evals else None,
-    )
-
-
-def _check_columns(ds: Any, spec: DatasetSpec, split: str, need_label: bool = True) -> DatasetSpec:
-    """Raise for a missing image / label column; drop a declared box or mask that is absent."""
-    cols = list(ds.column_names)
-    roles = [("image", spec.image_column, "--image_column_name")]
-    if need_label:
-        roles.append(("label", spec.label_column, "--label_column_name"))
-    for role, col, flag in roles:
-        if col not in cols:
-            raise DataError(
-                f"dataset {spec.name!r} (split {split!r}) has no {role} column {col!r}; its "
-                f"columns are {cols}.{close_matches(col, cols)} Name the right one with {flag} "
-                f"(load_splits({role}_column=...))."
-            )
-    for field_name in ("box_column", "mask_column"):
-        col = getattr(spec, field_name)
-        if col is not None and col not in cols:
-            logger.warning(
-                "dataset %r (split %r) has no %s %r (columns: %s); Content Heatmap will not be "
-                "computed from it.", spec.name, split, field_name, col, cols,
-            )  # fmt: skip
-            spec = dataclasses.replace(spec, **{field_name: None})
-    return spec
-
-
-def _cast_labels(train: Any, evald: Any | None, spec: DatasetSpec):
-    """Make the label column a ``ClassLabel`` with the same names in both splits."""
-    import datasets
-
-    col = spec.label_column
-    parts = [d for d in (train, evald) if d is not None]
-    feats = [d.features[col] for d in parts]
-    class_feats = [f for f in feats if isinstance(f, datasets.ClassLabel)]
-    if len(class_feats) == 2 and class_feats[0].names != class_feats[1].names:
-        raise DataError(
-            f"dataset {spec.name!r}: the train and eval splits name their classes differently "
-            f"in column {col!r} ({len(class_feats[0].names)} vs {len(class_feats[1].names)} names)."
-        )
-    if class_feats:
-        names = list(class_feats[0].names)
-    elif all(_is_int(f) for f in feats):
-        values = np.concatenate([label_array(d, col) for d in parts])
-        count = int(values.max()) + 1 if values.size else 0
-        names = [str(i) for i in range(count)]
-        if spec.label_names_column is not None and spec.label_names_column in train.column_names:
-            # Name each integer by the first row that carries it (dict keeps the first).
-            pairs = zip(label_array(train, col).tolist(), train[spec.label_names_column][:])
-            named: dict[int, str] = {}
-            for value, label_name in pairs:
-                named.setdefault(int(value), str(label_name))
-            names = [named.get(i, str(i)) for i in range(count)]
-    elif all(_is_str(f) for f in feats):
-        names = sorted({str(v) for d in parts for v in d[col][:]})
-    else:
-        raise DataError(
-            f"label column {col!r} of dataset {spec.name!r} has type {feats[0]}; it needs integer, "
-            "string or ClassLabel values (one class per image). Choose another with "
-            "--label_column_name."
-        )
-    if not names:
-        raise DataError(f"dataset {spec.name!r} has no labels in column {col!r}.")
-    target = datasets.ClassLabel(names=names)
-    out = []
-    for d, f in zip(parts, feats):
-        if _is_str(f) or not isinstance(f, datasets.ClassLabel) or f.names != names:
-            # cast_column with ClassLabel(names=...) keeps integer values as they are; it never
-            # renumbers them (class_encode_column would, lexicographically).
-            d = d.cast_column(col, target)
-        _check_range(d, col, len(names), spec.name)
-        out.append(d)
-    return out[0], (out[1] if evald is not None else None), names
-
-
-def _is_int(feature: Any) -> bool:
-    dtype = getattr(feature, "dtype", "")
-    return isinstance(dtype, str) and dtype.startswith(("int", "uint"))
-
-
-def _is_str(feature: Any) -> bool:
-    return getattr(feature, "dtype", None) in ("string", "large_string")
-
-
-def _check_range(ds: Any, col: str, num_labels: int, name: str) -> None:
-    values = label_array(ds, col)
-    bad = np.nonzero((values < 0) | (values >= num_labels))[0]
-    if bad.size:
-        raise DataError(
-            f"dataset {name!r}: {bad.size} labels in column {col!r} are outside [0, "
-            f"{num_labels}), e.g. {int(values[bad[0]])} at row {int(bad[0])}. Drop those rows "
-            "(or use them as the unlabeled pool) before training."
-        )

@@ -7,11 +7,12 @@ Heatmap metric needs. Columns are checked when the data is loaded, never assumed
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from ..errors import DataError
-
-BOX_FORMATS = ("xyxy", "xywh", "yxyx_norm")
+from .annotations import BOX_FORMATS, MaskRule
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,15 @@ class DatasetSpec:
         train_split: split used for training.
         eval_split: split used for evaluation; None holds out a seeded slice of ``train_split``.
         notes: provenance and caveats.
-        box_format: ``"xyxy"`` / ``"xywh"`` in pixels, or ``"yxyx_norm"`` (TFDS order, in [0, 1]);
-            boxes stored as dicts with ``xmin, ymin, xmax, ymax`` keys are read by key.
-        mask_foreground: mask values that mean "object" (e.g. trimap codes); None: nonzero for
-            0/1 masks, above 127 for 0-255 masks.
+        box_format: ``"xyxy"`` / ``"xywh"`` in pixels, ``"xyxy_norm"`` / ``"xywh_norm"`` as
+            fractions of the image size, or ``"yxyx_norm"`` (the TFDS order); boxes stored as
+            structs of named fields (``xmin, ymin, xmax, ymax``, ``x, y, width, height``) are
+            read by name.
+        mask_foreground: mask values that mean "object" (e.g. trimap codes).
+        mask_threshold: without ``mask_foreground``: object where the mask value is above this
+            share of its full scale (0: nonzero; 0.5: > 127 of 255). None: decided per image
+            (nonzero for 0/1 masks, above 127 otherwise); :func:`load_splits` decides it once
+            per dataset from a sample of its masks.
         label_names_column: column with the class name of each row, used to name integer labels.
     """
 
@@ -47,6 +53,7 @@ class DatasetSpec:
     box_format: str = "xyxy"
     mask_foreground: tuple[int, ...] | None = None
     label_names_column: str | None = None
+    mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.box_format not in BOX_FORMATS:
@@ -54,6 +61,32 @@ class DatasetSpec:
                 f"box_format must be one of {BOX_FORMATS}; got {self.box_format!r} "
                 f"(dataset {self.name!r})."
             )
+        if self.mask_foreground is not None:
+            values = tuple(self.mask_foreground)
+            integers = all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values
+            )
+            if not values or not integers:
+                raise DataError(
+                    f"mask_foreground (--mask_foreground_values) must be one or more integers, "
+                    f"e.g. 1 3; got {self.mask_foreground!r} (dataset {self.name!r})."
+                )
+            object.__setattr__(self, "mask_foreground", tuple(int(v) for v in values))
+        t = self.mask_threshold
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1):
+            raise DataError(
+                f"mask_threshold (--mask_threshold) must be a number in [0, 1), a share of the "
+                f"mask's full scale (0.5: > 127 of 255); got {t!r} (dataset {self.name!r})."
+            )
+
+    @property
+    def mask_rule(self) -> MaskRule | None:
+        """Which mask values are the object; None: decided per image."""
+        if self.mask_foreground is not None:
+            return MaskRule(foreground=self.mask_foreground)
+        if self.mask_threshold is not None:
+            return MaskRule(threshold=float(self.mask_threshold))
+        return None
 
     @property
     def has_object(self) -> bool:
@@ -84,6 +117,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "cub_masks",
             "dpdl-benchmark/caltech_birds2011",
             mask_column="segmentation_mask",
+            mask_threshold=0.5,
             label_names_column="label_name",
             notes="CUB-200-2011 with segmentation masks (soft 0-255, object > 127); integer "
             "label named by label_name.",

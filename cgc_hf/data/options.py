@@ -1,0 +1,217 @@
+"""The data options of a run, as one dataclass: the recipes' data flags derive from its fields.
+
+Example:
+    >>> data_args = DataArguments(dataset_name="pets_dir", mask_dir="pets/trimaps",
+    ...                           mask_foreground_values=(1, 3), labels_per_class=10)
+    >>> splits = data_args.load_splits(seed=0)
+    >>> model = CGCModel.from_backbone("resnet18", num_labels=splits.num_labels)
+    >>> data = data_args.build_datasets(splits, model.config.data_config, seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import DEFAULT_CROP_SCALE
+from ..errors import DataError
+from .annotations import BOX_FORMATS
+from .build import TrainingData, build_datasets
+from .dataset import BAD_IMAGE_POLICIES
+from .loading import Splits, load_splits
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from, which columns hold what, and how labels are limited.
+
+    Field metadata: ``help`` (the flag's help), ``aliases`` (more flag names), ``choices``.
+    """
+
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={
+            "help": "A named dataset (synthetic, cub, cub_masks, cars, aircraft, flowers102, "
+            "dogs, pets), a Hub dataset id, an image folder or a save_to_disk directory.",
+            "aliases": ("--dataset",),
+        },
+    )
+    dataset_source: str | None = field(
+        default=None,
+        metadata={"help": "For a named dataset: a local save_to_disk copy to read instead."},
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column (default: the dataset's, or found)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"help": "Label column (default: the dataset's, or found)."}
+    )
+    mask_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of object masks, for Content Heatmap and the pointing game "
+            "(default: the dataset's, or an image column named like a mask)."
+        },
+    )
+    box_column_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of object boxes (default: the dataset's, or a column of 4 numbers "
+            "or named fields named like a box)."
+        },
+    )
+    box_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Box numbers: xyxy or xywh in pixels, xyxy_norm or xywh_norm as fractions "
+            "of the image size, yxyx_norm (TFDS); structs of named fields are read by name "
+            "(default: the dataset's, else xyxy).",
+            "choices": BOX_FORMATS,
+        },
+    )
+    mask_foreground_values: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Mask values that are the object, e.g. 1 3 for a trimap (default: binary "
+            "masks nonzero, soft 0-255 masks above 127, label-index masks nonzero)."
+        },
+    )
+    mask_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Object where the mask is above this share of its full scale, e.g. 0.5 "
+            "(> 127 of 255); 0 means nonzero."
+        },
+    )
+    mask_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of masks named like the images (cat_1.jpg -> cat_1.png), flat or "
+            "with the image folder's subfolders."
+        },
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split to evaluate on (default: the dataset's, or a held-out slice)."},
+    )
+    synthetic_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "JSON options of the generated dataset, e.g. '{\"train_size\": 400}'."},
+    )
+    remap_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Number sparse integer labels 0..K-1 (e.g. 0, 5, 99 -> 0, 1, 2); the class "
+            "names keep the values."
+        },
+    )
+    on_bad_image: str = field(
+        default="raise",
+        metadata={
+            "help": "Unreadable image: stop with an error, or skip it and count it.",
+            "choices": BAD_IMAGE_POLICIES,
+        },
+    )
+    labels_per_class: int | None = field(
+        default=None,
+        metadata={"help": "Keep exactly K labels per class; the rest become unlabeled."},
+    )
+    label_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Keep this share of each class's labels; the rest become unlabeled."},
+    )
+    unlabeled_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Take unlabeled images from this dataset (a flat image folder works); "
+            "'none' for no unlabeled images at all.",
+            "aliases": ("--unlabeled",),
+        },
+    )
+    train_crop_scale: tuple[float, float] = field(
+        default=DEFAULT_CROP_SCALE,
+        metadata={"help": "Area range of the training random resized crop."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.box_format is not None and self.box_format not in BOX_FORMATS:
+            raise DataError(
+                f"box_format must be one of {', '.join(BOX_FORMATS)}; got {self.box_format!r}."
+            )
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise DataError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}; got {self.on_bad_image!r}."
+            )
+        if self.mask_dir is not None and self.mask_column_name is not None:
+            raise DataError(
+                f"mask_dir ({self.mask_dir!r}) and mask_column_name ({self.mask_column_name!r}) "
+                "both name the masks; give one."
+            )
+        if self.mask_foreground_values is not None:
+            self.mask_foreground_values = tuple(self.mask_foreground_values)
+        t = self.mask_threshold
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t < 1):
+            raise DataError(f"mask_threshold must be a number in [0, 1), e.g. 0.5; got {t!r}.")
+        k = self.labels_per_class
+        if k is not None and not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+            raise DataError(f"labels_per_class must be an integer >= 1; got {k!r}.")
+        p = self.label_fraction
+        if p is not None and not (isinstance(p, (int, float)) and 0 < p <= 1):
+            raise DataError(f"label_fraction must be in (0, 1]; got {p!r}.")
+        if k is not None and p is not None:
+            raise DataError(f"give labels_per_class ({k}) or label_fraction ({p}), not both.")
+        self.train_crop_scale = tuple(float(v) for v in self.train_crop_scale)
+
+    def load_splits(self, seed: int = 0) -> Splits:
+        """:func:`load_splits` with these options."""
+        return load_splits(
+            self.dataset_name,
+            source=self.dataset_source,
+            image_column=self.image_column_name,
+            label_column=self.label_column_name,
+            mask_column=self.mask_column_name,
+            box_column=self.box_column_name,
+            box_format=self.box_format,
+            mask_foreground=self.mask_foreground_values,
+            mask_threshold=self.mask_threshold,
+            mask_dir=self.mask_dir,
+            eval_split=self.eval_split,
+            seed=seed,
+            synthetic_kwargs=self.synthetic_kwargs,
+            remap_labels=self.remap_labels,
+        )
+
+    def build_datasets(
+        self, splits: Splits, data_config: dict[str, Any], seed: int = 0
+    ) -> TrainingData:
+        """:func:`build_datasets` with these options."""
+        return build_datasets(
+            splits,
+            data_config,
+            labels_per_class=self.labels_per_class,
+            label_fraction=self.label_fraction,
+            unlabeled=self.unlabeled_dataset,
+            seed=seed,
+            crop_scale=self.train_crop_scale,
+            on_bad_image=self.on_bad_image,
+            image_column=self.image_column_name,
+        )
+
+
+LOAD_FIELDS = (
+    "dataset_name",
+    "dataset_source",
+    "image_column_name",
+    "label_column_name",
+    "mask_column_name",
+    "box_column_name",
+    "box_format",
+    "mask_foreground_values",
+    "mask_threshold",
+    "mask_dir",
+    "eval_split",
+    "synthetic_kwargs",
+    "remap_labels",
+)
+"""The fields that say how a dataset is read (what an evaluation needs as well as training)."""
