@@ -3,7 +3,7 @@
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
-from .config import METHOD_FIELDS, CGCConfig
+from .config import METHOD_FIELDS, CGCConfig, CGCTrainingArguments
 from .data import (
     DATASETS,
     CGCDataset,
@@ -44,7 +44,7 @@ from .metrics import (
 from .modeling import CGCModel
 from .synthetic import make_synthetic
 from .targets import TargetLayer, resolve_target
-from .trainer import CGCTrainer, TrainingArguments, latest_checkpoint, set_seed
+from .training import CGCTrainer, latest_checkpoint, set_seed
 from .visualize import denormalize, explanation_figure, heatmap_grid, overlay
 
 __version__ = "0.1.0"
@@ -58,6 +58,7 @@ __all__ = [
     "CGCMemoryError",
     "CGCModel",
     "CGCTrainer",
+    "CGCTrainingArguments",
     "CGCTypeError",
     "CGCValueError",
     "CheckpointError",
@@ -70,7 +71,6 @@ __all__ = [
     "Splits",
     "TargetLayer",
     "TargetLayerError",
-    "TrainingArguments",
     "TrainingData",
     "align_heatmaps",
     "box_to_mask",

@@ -1,25 +1,31 @@
-"""Configuration of the CGC method and of the wrapped classifier.
+"""Configuration: the CGC method and wrapped classifier, and the options of a training run.
 
-One dataclass is the single source of truth: it validates itself, it is saved as JSON next to
-every model, and the recipes derive their command-line flags from its field metadata.
+Each dataclass is the single source of truth for its options: it coerces every value to the
+field's declared type (:mod:`cgc_hf.coerce`, so flags, YAML and Python agree), validates itself in
+``__post_init__``, is saved as JSON next to every run, and :mod:`cgc_hf.cli` derives the
+command-line flags from its fields and their ``help`` metadata.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .coerce import coerce_fields
 from .errors import CGCValueError
+
+IGNORE_INDEX = -100
+"""Label of an unlabeled row (the Hugging Face convention for ignored targets)."""
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+"""Area range of a random resized crop, as fractions of the image (ImageNet practice, the paper)."""
+DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
+"""Aspect-ratio range of a random resized crop."""
 
 CAM_METHODS = ("grad_x_act", "gradcam")
 CAM_TARGETS = ("predicted", "label")
 LIBRARIES = ("timm", "transformers")
-IGNORE_INDEX = -100  # label of an unlabeled row (the Hugging Face convention)
-DEFAULT_CROP_SCALE = (0.08, 1.0)  # random resized crop area range (the paper's, as torchvision's)
-DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)  # random resized crop aspect-ratio range
 
 
 @dataclass
@@ -61,11 +67,12 @@ class CGCConfig:
         metadata={"help": "Side of the square grid on which heatmaps are compared in the loss."},
     )
     crop_scale: tuple[float, float] = field(
-        default=(0.08, 1.0),
+        default=DEFAULT_CROP_SCALE,
         metadata={"help": "Area range of the random resized crop, as fractions of the image."},
     )
     crop_ratio: tuple[float, float] = field(
-        default=(3 / 4, 4 / 3), metadata={"help": "Aspect-ratio range of the random resized crop."}
+        default=DEFAULT_CROP_RATIO,
+        metadata={"help": "Aspect-ratio range of the random resized crop."},
     )
     flip_prob: float = field(
         default=0.5, metadata={"help": "Probability of a horizontal flip in the CGC view."}
@@ -101,30 +108,34 @@ class CGCConfig:
         default=None,
         metadata={"help": "Input size, mean, std, interpolation the backbone was trained with."},
     )
+    input_size: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "(height, width) of the images the model is trained and evaluated at; "
+            "overrides the backbone's own input size in data_config (convolutional models take "
+            "any size)."
+        },
+    )
 
     def __post_init__(self) -> None:
-        self.crop_scale = tuple(float(v) for v in self.crop_scale)  # JSON gives lists
-        self.crop_ratio = tuple(float(v) for v in self.crop_ratio)
+        if isinstance(self.input_size, int) and not isinstance(self.input_size, bool):
+            self.input_size = (self.input_size, self.input_size)  # a side: square images
+        coerce_fields(self)  # JSON gives lists, YAML gives strings for 1e-4
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
         _check(
-            isinstance(self.cgc_lambda, (int, float)) and self.cgc_lambda >= 0,
+            self.cgc_lambda >= 0,
             "cgc_lambda",
             self.cgc_lambda,
-            "a number >= 0 (0 trains with cross-entropy alone)",
+            "a finite number >= 0 (0 trains with cross-entropy alone)",
         )
         _check(
-            isinstance(self.temperature, (int, float))
-            and math.isfinite(self.temperature)
-            and self.temperature > 0,
-            "temperature",
-            self.temperature,
-            "a finite number > 0, e.g. 0.5",
+            self.temperature > 0, "temperature", self.temperature, "a finite number > 0, e.g. 0.5"
         )
         _check(self.cam_method in CAM_METHODS, "cam_method", self.cam_method, CAM_METHODS)
         _check(self.cam_target in CAM_TARGETS, "cam_target", self.cam_target, CAM_TARGETS)
         _check(
-            isinstance(self.compare_size, int) and self.compare_size >= 2,
+            self.compare_size >= 2,
             "compare_size",
             self.compare_size,
             "an integer >= 2, e.g. 56",
@@ -146,16 +157,32 @@ class CGCConfig:
             self.library is None or self.library in LIBRARIES, "library", self.library, LIBRARIES
         )
         _check(
-            self.num_labels is None or (isinstance(self.num_labels, int) and self.num_labels >= 1),
+            self.num_labels is None or self.num_labels >= 1,
             "num_labels",
             self.num_labels,
             "a positive integer",
         )
+        _check(
+            self.input_size is None or min(self.input_size) >= 1,
+            "input_size",
+            self.input_size,
+            "two positive integers (height, width), e.g. (224, 224), or None",
+        )
+        self.data_config = self.with_input_size(self.data_config)
+
+    def with_input_size(self, data_config: dict[str, Any] | None) -> dict[str, Any] | None:
+        """``data_config`` with ``input_size`` set from :attr:`input_size` (when that is set)."""
+        if data_config is None or self.input_size is None:
+            return data_config
+        channels = (data_config.get("input_size") or (3,))[0]
+        return {**data_config, "input_size": [channels, *self.input_size]}
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (tuples become lists, ``id2label`` keys become strings)."""
         d = dataclasses.asdict(self)
         d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
+        if self.input_size is not None:
+            d["input_size"] = list(self.input_size)
         if self.id2label is not None:
             d["id2label"] = {str(k): v for k, v in self.id2label.items()}
         return d
@@ -174,6 +201,242 @@ class CGCConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class CGCTrainingArguments:
+    """Options of a :class:`~cgc_hf.CGCTrainer` run (names follow transformers' TrainingArguments).
+
+    Example:
+        >>> args = CGCTrainingArguments(output_dir="runs/cub", per_device_train_batch_size=32,
+        ...                             learning_rate=1e-4, head_learning_rate=1e-3)
+    """
+
+    output_dir: str = field(
+        default="cgc-output", metadata={"help": "Where arguments, metrics, checkpoints go."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a previous run in output_dir (otherwise it is refused)."},
+    )
+    per_device_train_batch_size: int = field(
+        default=16,
+        metadata={"help": "Labeled images per device and step (>= 2 for CGC: negatives)."},
+    )
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"help": "Images per device and evaluation batch."}
+    )
+    unlabeled_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Unlabeled images per device and step (default: the train batch size)."},
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Peak learning rate of the backbone."}
+    )
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of the classifier head (default: learning_rate)."},
+    )
+    weight_decay: float = field(
+        default=0.01,
+        metadata={"help": "Weight decay (not applied to biases and normalisation weights)."},
+    )
+    optim: str = field(default="adamw", metadata={"help": "Optimizer: 'adamw' or 'sgd'."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule after warmup: 'cosine', 'linear', 'constant'."},
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the optimizer steps used for linear warmup."}
+    )
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Warmup steps; overrides warmup_ratio when > 0."}
+    )
+    num_train_epochs: int = field(
+        default=3, metadata={"help": "Passes over the labeled data (unless max_train_steps)."}
+    )
+    max_train_steps: int | None = field(
+        default=None,
+        metadata={"help": "Total optimizer steps; overrides num_train_epochs when set."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches accumulated per optimizer step."}
+    )
+    max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Gradient clipping norm; None or 0 disables clipping."}
+    )
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (fp16 needs a GPU)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of weights-independent randomness."})
+    checkpointing_steps: str | int | None = field(
+        default=None,
+        metadata={"help": "Save the training state every N optimizer steps, or 'epoch'."},
+    )
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most this many checkpoints (oldest deleted)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (newest complete checkpoint in output_dir) or a path."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Trackers: 'none', 'all', or a comma list such as 'tensorboard,wandb'."},
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log training loss every N optimizer steps."}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N optimizer steps (default: each epoch)."}
+    )
+    eval_insertion_steps: int = field(
+        default=0,
+        metadata={"help": "Steps of the insertion / deletion AUC metric (0 skips it: slow)."},
+    )
+    cgc_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps over which the CGC weight grows linearly from 0 to "
+            "cgc_lambda (0: full weight from the start, as in the paper). Helps from random "
+            "weights, whose first heatmaps carry no signal."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss."},
+    )
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "Worker processes per data loader."}
+    )
+    figure_images: int = field(
+        default=4,
+        metadata={"help": "Images in the heatmap figure written at each evaluation (0: none)."},
+    )
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.max_grad_norm == 0:
+            self.max_grad_norm = None
+        if self.unlabeled_batch_size is None:
+            self.unlabeled_batch_size = self.per_device_train_batch_size
+        for name, example in (
+            ("per_device_train_batch_size", "e.g. 32"),
+            ("per_device_eval_batch_size", "e.g. 64"),
+            ("unlabeled_batch_size", "e.g. the train batch size"),
+            ("gradient_accumulation_steps", "1 (no accumulation) or more"),
+            ("num_train_epochs", "e.g. 10"),
+            ("logging_steps", "e.g. 10"),
+            ("max_nonfinite_steps", "e.g. 5"),
+        ):
+            _check(
+                getattr(self, name) >= 1,
+                name,
+                getattr(self, name),
+                f"a positive integer ({example})",
+            )
+        for name in ("max_train_steps", "eval_steps", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, value, "a positive integer, or None")
+        for name in (
+            "warmup_steps",
+            "cgc_warmup_steps",
+            "eval_insertion_steps",
+            "dataloader_num_workers",
+            "figure_images",
+        ):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0, e.g. 42")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "a finite number > 0")
+        _check(
+            self.head_learning_rate is None or self.head_learning_rate > 0,
+            "head_learning_rate",
+            self.head_learning_rate,
+            "a finite number > 0, or None for the backbone learning rate",
+        )
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a finite number >= 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "in [0, 1)")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "a number > 0, or None / 0 to disable clipping",
+        )
+        _check(self.optim in OPTIMIZERS, "optim", self.optim, OPTIMIZERS)
+        _check(
+            self.lr_scheduler_type in SCHEDULERS,
+            "lr_scheduler_type",
+            self.lr_scheduler_type,
+            SCHEDULERS,
+        )
+        _check(
+            self.mixed_precision in PRECISIONS,
+            "mixed_precision",
+            self.mixed_precision,
+            PRECISIONS,
+        )
+        if self.mixed_precision == "fp16" and not _fp16_device_available():
+            raise CGCValueError(
+                "mixed_precision='fp16' needs a GPU, and none is visible; use "
+                "mixed_precision='bf16' (supported on CPU) or 'no'."
+            )
+        _check(
+            self.checkpointing_steps is None
+            or self.checkpointing_steps == "epoch"
+            or (isinstance(self.checkpointing_steps, int) and self.checkpointing_steps > 0),
+            "checkpointing_steps",
+            self.checkpointing_steps,
+            "'epoch', a positive integer, or None (no intermediate checkpoints)",
+        )
+        self._check_trackers()
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise CGCValueError(
+                f"overwrite_output_dir=True deletes the checkpoints that resume_from_checkpoint="
+                f"{self.resume_from_checkpoint!r} would resume from; pass only one of them."
+            )
+
+    def _check_trackers(self) -> None:
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        known = tuple(str(t.value) for t in LoggerType)
+        names = [n.strip() for n in str(self.report_to).split(",") if n.strip()]
+        for name in names:
+            _check(name == "none" or name in known, "report_to", self.report_to, ("none", *known))
+        if "none" in names:
+            return
+        available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+        missing = [n for n in names if n != "all" and n not in available]
+        if missing:
+            raise CGCValueError(
+                f"report_to={self.report_to!r} names trackers that are not installed: "
+                f"{missing}; install them (e.g. `pip install {missing[0]}`) or use one of "
+                f"{sorted(available) or ['none']}."
+            )
+
+    @property
+    def trackers(self) -> list[str] | None:
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        return None if not names or "none" in names else names
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _fp16_device_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
 
 
 METHOD_FIELDS = (

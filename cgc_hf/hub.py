@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +30,7 @@ from huggingface_hub.errors import (
 )
 from torch import Tensor
 
+from ._io import replace_folder
 from .backbones import rebuild_backbone, unrecordable_kwargs
 from .card import model_card
 from .config import CGCConfig
@@ -380,30 +380,10 @@ def _write_atomically(
             f"save_directory {str(dest)!r} already holds files that are not a {what} "
             f"({names}); saving replaces the folder whole, so give a new or empty folder."
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
-    tmp.mkdir()  # plain mkdir (not mkdtemp) so the folder gets the user's usual permissions
     try:
-        try:
-            write(tmp)
-        except OSError as err:
-            raise CheckpointError(f"could not write {what} to {str(dest)!r}: {err}") from err
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{tag}"
-            os.rename(dest, old)
-            try:
-                os.rename(tmp, dest)
-            except OSError:
-                os.rename(old, dest)  # put the earlier save back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest
+        return replace_folder(dest, write)
+    except OSError as err:
+        raise CheckpointError(f"could not write {what} to {str(dest)!r}: {err}") from err
 
 
 def _is_cgc_folder(folder: Path) -> bool:

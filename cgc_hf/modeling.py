@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +74,8 @@ class CGCModel(CGCHubMixin, nn.Module):
             config.target = self._resolve_target(config.target_layer).to_dict()
         self.target = TargetLayer.from_dict(config.target)
         self._warned_single = False
+        # Share of cgc_lambda applied: a trainer's warm-up ramps it from 0 to 1.
+        self.cgc_weight = 1.0
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -163,6 +166,21 @@ class CGCModel(CGCHubMixin, nn.Module):
     def num_labels(self) -> int:
         return int(self.config.num_labels)
 
+    def set_negative_gather(self, gather: Callable[[Tensor], tuple[Tensor, int]] | None) -> None:
+        """Take InfoNCE negatives from every process (``distributed.all_gather_rows``), or not."""
+        self.loss_fn.gather = gather
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the classifier head (empty when the backbone names none)."""
+        backbone = self.backbone
+        if self.target.linear_head:
+            head = backbone.get_submodule(self.target.linear_head)
+        elif hasattr(backbone, "get_classifier"):
+            head = backbone.get_classifier()
+        else:
+            head = getattr(backbone, "classifier", None)
+        return list(head.parameters()) if isinstance(head, nn.Module) else []
+
     # ------------------------------------------------------------------------------ forward
     def _logits(self, pixel_values: Tensor) -> Tensor:
         return logits_of(self.backbone, self.config.library, pixel_values)
@@ -226,7 +244,7 @@ class CGCModel(CGCHubMixin, nn.Module):
             loss_ce = self._ce(logits_all, torch.cat([labels, labels]))
         else:
             loss_ce = self._ce(logits, labels)
-        loss = loss_ce + cfg.cgc_lambda * loss_cgc
+        loss = loss_ce + cfg.cgc_lambda * self.cgc_weight * loss_cgc
         return {"loss": loss, "logits": logits, "loss_ce": loss_ce, "loss_cgc": loss_cgc}
 
     def _cgc(self, cam_aug: Tensor, cam_pos: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ Examples:
     accelerate launch recipes/finetune.py --model resnet50 --dataset cub --label_fraction 0.1
 
 Flags follow transformers' image-classification example; every field of
-``cgc_hf.TrainingArguments`` and the method fields of ``cgc_hf.CGCConfig`` is a flag, and
+``cgc_hf.CGCTrainingArguments`` and the method fields of ``cgc_hf.CGCConfig`` is a flag, and
 ``--config file.yaml`` sets defaults (command-line flags win). When ``--config`` is not given
 and ``recipes/configs/<dataset>.yaml`` exists, that file is used.
 """
@@ -37,8 +37,8 @@ from cgc_hf import (
     CGCError,
     CGCModel,
     CGCTrainer,
+    CGCTrainingArguments,
     CGCValueError,
-    TrainingArguments,
     build_transform,
     collate,
     load_splits,
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument(
         "--no_cgc", action="store_true", help="cgc_lambda=0: the plain fine-tuning baseline."
     )
-    _add_dataclass_flags(parser.add_argument_group("training"), TrainingArguments)
+    _add_dataclass_flags(parser.add_argument_group("training"), CGCTrainingArguments)
     hub = parser.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the trained model.")
     hub.add_argument("--hub_model_id", help="Repository id, e.g. user/resnet50-cub-cgc.")
@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
     # 1. Arguments first: a bad value fails now, not after a download.
-    args = TrainingArguments(
-        **_split(options, [f.name for f in dataclasses.fields(TrainingArguments)])
+    args = CGCTrainingArguments(
+        **_split(options, [f.name for f in dataclasses.fields(CGCTrainingArguments)])
     )
     method = _split(options, METHOD_FIELDS)
     if options.get("no_cgc"):

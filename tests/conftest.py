@@ -12,7 +12,10 @@ check the heatmap grid without asking the code under test.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a failed Hub lookup retries for ~23 s
@@ -24,6 +27,15 @@ from torch import Tensor, nn  # noqa: E402
 from cgc_hf import CGCModel  # noqa: E402
 
 NUM_LABELS = 3
+ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = dict(
+    os.environ,
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    OMP_NUM_THREADS="1",
+)
+"""Environment of a subprocess test: offline, one thread."""
 
 
 @dataclass(frozen=True)
@@ -310,3 +322,38 @@ def tiny_resnet() -> CGCModel:
 def tiny_vit() -> CGCModel:
     """Tiny class-token timm ViT at 32 px, patch 8."""
     return tiny_timm("vit_token")
+
+
+# ---------------------------------------------------------------------------------- training
+TRAIN_SIZE = 32
+"""Side of the images of the training tests."""
+
+
+def tiny_model(seed: int = 0, size: int = TRAIN_SIZE, **cgc_options: Any) -> CGCModel:
+    """timm's ``test_resnet`` with 3 classes at ``size`` px: a CGC training step in ~10 ms."""
+    torch.manual_seed(seed)
+    return CGCModel.from_backbone(
+        "test_resnet", num_labels=NUM_LABELS, pretrained=False, input_size=size, **cgc_options
+    )
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_script(script: str | Path, *argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run ``python <script> argv...`` from the repository root, offline, as a user would."""
+    return subprocess.run(
+        [sys.executable, str(script), *argv],
+        capture_output=True,
+        text=True,
+        env=OFFLINE_ENV,
+        timeout=timeout,
+        cwd=ROOT,
+    )

@@ -90,7 +90,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def _trainer_run(rank: int, port: int, out: str) -> dict:
-    from cgc_hf import CGCTrainer, TrainingArguments
+    from cgc_hf import CGCTrainer, CGCTrainingArguments
 
     # What `accelerate launch --cpu --num_processes 2` sets in each process.
     os.environ.update(
@@ -107,7 +107,7 @@ def _trainer_run(rank: int, port: int, out: str) -> dict:
         for i in range(11)
     ]
     model = _model()
-    args = TrainingArguments(
+    args = CGCTrainingArguments(
         output_dir=str(Path(out) / "run"),
         per_device_train_batch_size=2,
         per_device_eval_batch_size=2,

@@ -25,21 +25,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import OFFLINE_ENV as ENV
+from conftest import ROOT, run_script, tiny_model
 from PIL import Image
 
-from cgc_hf import CGCError, CGCMemoryError, CGCModel, CheckpointError, build_transform
-from cgc_hf.trainer import COMPLETE, CGCTrainer, TrainingArguments, latest_checkpoint
+from cgc_hf import (
+    CGCError,
+    CGCMemoryError,
+    CGCModel,
+    CGCTrainingArguments,
+    CheckpointError,
+    build_transform,
+)
+from cgc_hf.training import COMPLETE, CGCTrainer, latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 SECRET = "hf_FakeTokenForTheLeakTest0123456789"
-ENV = dict(
-    os.environ,
-    HF_HUB_OFFLINE="1",
-    HF_DATASETS_OFFLINE="1",
-    TRANSFORMERS_OFFLINE="1",
-    OMP_NUM_THREADS="1",
-)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 TINY = [
     "--model", "test_resnet",
     "--no-pretrained",
@@ -75,7 +77,7 @@ def pause():
 
 
 if mode in ("step", "slow"):
-    from cgc_hf.trainer import CGCTrainer
+    from cgc_hf import CGCTrainer
 
     original = CGCTrainer._step_end
 
@@ -106,14 +108,7 @@ runpy.run_path(recipe, run_name="__main__")
 
 
 def run_recipe(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(RECIPE), *argv],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_script(RECIPE, *argv, timeout=timeout)
 
 
 def start_with_fault(tmp_path: Path, mode: str, at: int, argv: list[str]) -> tuple:
@@ -179,15 +174,6 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # ---------------------------------------------------------------------------------- kill -9
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -251,13 +237,6 @@ class Noise(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def tiny_model() -> CGCModel:
-    torch.manual_seed(0)
-    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False)
-    model.config.data_config["input_size"] = [3, SIZE, SIZE]
-    return model
-
-
 def trainer_for(tmp_path, model=None, **kw) -> CGCTrainer:
     base = dict(
         output_dir=str(tmp_path / "run"),
@@ -269,7 +248,7 @@ def trainer_for(tmp_path, model=None, **kw) -> CGCTrainer:
         checkpointing_steps=2,
     )
     base.update(kw)
-    return CGCTrainer(model or tiny_model(), TrainingArguments(**base), Noise(8), Noise(4, 1))
+    return CGCTrainer(model or tiny_model(), CGCTrainingArguments(**base), Noise(8), Noise(4, 1))
 
 
 def state_of(model: CGCModel) -> dict[str, torch.Tensor]:

@@ -8,28 +8,14 @@ import random
 
 import pytest
 import torch
+from conftest import TRAIN_SIZE as SIZE
+from conftest import tiny_model
 
-from cgc_hf import CGCError, CGCModel, CGCValueError
+from cgc_hf import CGCError, CGCModel, CGCTrainingArguments, CGCValueError
 from cgc_hf.sampling import EpochSampler
-from cgc_hf.trainer import (
-    COMPLETE,
-    CGCTrainer,
-    TrainingArguments,
-    complete_checkpoints,
-    latest_checkpoint,
-)
+from cgc_hf.training import COMPLETE, CGCTrainer, complete_checkpoints, latest_checkpoint
 
-SIZE = 32
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    """Each trainer builds an Accelerator; its process-wide state must not leak between tests."""
-    yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 class Tiny(torch.utils.data.Dataset):
@@ -67,14 +53,7 @@ class Tiny(torch.utils.data.Dataset):
         return item
 
 
-def tiny_model(seed: int = 0, **cgc) -> CGCModel:
-    torch.manual_seed(seed)
-    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, **cgc)
-    model.config.data_config["input_size"] = [3, SIZE, SIZE]
-    return model
-
-
-def args_for(tmp_path, **kw) -> TrainingArguments:
+def args_for(tmp_path, **kw) -> CGCTrainingArguments:
     base = dict(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
@@ -84,7 +63,7 @@ def args_for(tmp_path, **kw) -> TrainingArguments:
         seed=3,
     )
     base.update(kw)
-    return TrainingArguments(**base)
+    return CGCTrainingArguments(**base)
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -107,12 +86,12 @@ def args_for(tmp_path, **kw) -> TrainingArguments:
 )
 def test_bad_argument_names_argument_and_value(tmp_path, name, value):
     with pytest.raises(CGCValueError) as err:
-        TrainingArguments(output_dir=str(tmp_path), **{name: value})
+        CGCTrainingArguments(output_dir=str(tmp_path), **{name: value})
     assert name in str(err.value) and repr(value) in str(err.value)
 
 
 def test_argument_defaults_and_conversions(tmp_path):
-    args = TrainingArguments(
+    args = CGCTrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=8,
         checkpointing_steps="7",
@@ -127,12 +106,12 @@ def test_argument_defaults_and_conversions(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 works on a GPU")
 def test_fp16_on_cpu_says_what_works(tmp_path):
     with pytest.raises(CGCValueError, match="bf16"):
-        TrainingArguments(output_dir=str(tmp_path), mixed_precision="fp16")
+        CGCTrainingArguments(output_dir=str(tmp_path), mixed_precision="fp16")
 
 
 def test_resume_and_overwrite_together_refused(tmp_path):
     with pytest.raises(CGCValueError, match="resume_from_checkpoint"):
-        TrainingArguments(
+        CGCTrainingArguments(
             output_dir=str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint="latest"
         )
 
@@ -391,19 +370,17 @@ def test_cgc_warmup_ramps_the_cgc_weight_linearly(tmp_path):
     args = args_for(tmp_path, max_train_steps=4, cgc_warmup_steps=4)
     trainer = CGCTrainer(model, args, Tiny(16), None)
     seen = []
-    real = trainer._ramped_loss
 
-    def spy(out):
-        seen.append((trainer.state.global_step, out["loss_ce"].item(), out["loss_cgc"].item()))
-        loss = real(out)
-        seen[-1] += (loss.item(),)
-        return loss
+    def spy(module, args, kwargs, out):  # the loss the trainer's backward sees, and its parts
+        if module.training:
+            step = trainer.state.global_step
+            seen.append((step, out["loss_ce"].item(), out["loss_cgc"].item(), out["loss"].item()))
 
-    trainer._ramped_loss = spy
+    model.register_forward_hook(spy, with_kwargs=True)
     trainer.train()
     assert [s[0] for s in seen] == [0, 1, 2, 3]
     for step, ce, cgc, loss in seen:  # loss = CE + (step / 4) * lambda * CGC during the ramp
         assert abs(loss - (ce + step / 4 * 0.5 * cgc)) < 1e-5
     assert seen[0][3] == pytest.approx(seen[0][1])  # the first step is cross-entropy alone
     with pytest.raises(CGCValueError, match="cgc_warmup_steps"):
-        TrainingArguments(output_dir=str(tmp_path), cgc_warmup_steps=-1)
+        CGCTrainingArguments(output_dir=str(tmp_path), cgc_warmup_steps=-1)

@@ -1,0 +1,104 @@
+"""Options of the recipes that are neither the method's nor the trainer's: the model, the Hub.
+
+Field names follow transformers' image-classification example (``--model_name_or_path``,
+``--model_revision``, ``--cache_dir``, ``--token``, ``--push_to_hub``), so its users' flags work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .coerce import coerce_fields
+from .errors import CGCValueError
+
+
+@dataclass
+class ModelArguments:
+    """Which classifier to fine-tune, and how to build it.
+
+    Example:
+        >>> ModelArguments(model_name_or_path="resnet50", image_size="224").image_size
+        224
+    """
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "timm name, transformers Hub id or local directory (default: the recipe's).",
+            "aliases": ["--model"],
+        },
+    )
+    pretrained: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Start from pretrained weights (default: yes for real datasets, no for the "
+            "generated one, which must run offline)."
+        },
+    )
+    model_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input side in pixels (default: the model's; the recipe's for data)."},
+    )
+    target_layer: str | None = field(
+        default=None, metadata={"help": "Module to explain (default: resolved automatically)."}
+    )
+    no_cgc: bool = field(
+        default=False, metadata={"help": "cgc_lambda=0: the plain fine-tuning baseline."}
+    )
+    model_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where downloaded models and datasets are cached."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Refused: cgc_hf never runs code that comes with a model or dataset."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Accepted for transformers' flag; the head is resized to the labels."},
+    )
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.trust_remote_code:
+            raise CGCValueError(
+                "trust_remote_code=True is refused: cgc_hf never runs code downloaded with a "
+                "model or dataset. Use a model that timm or transformers implement (most Hub "
+                "image classifiers), or load the model yourself and pass the instance to "
+                "CGCModel.from_backbone."
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise CGCValueError(
+                f"image_size must be a positive number of pixels, e.g. 224; got "
+                f"{self.image_size!r}."
+            )
+
+
+@dataclass
+class HubArguments:
+    """Sharing the trained model on the Hugging Face Hub."""
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the trained model."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Repository id, e.g. user/resnet50-cub-cgc."}
+    )
+    hub_private_repo: bool | None = field(
+        default=None, metadata={"help": "Create the repository as private."}
+    )
+    token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub token (default: the cached login). Never saved or logged.",
+            "aliases": ["--hub_token"],
+        },
+    )
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)

@@ -1,0 +1,482 @@
+"""CGCTrainer: semi-supervised CGC fine-tuning over Hugging Face Accelerate.
+
+One optimizer step sees a labeled batch and an unlabeled batch (labels ``-100``) concatenated:
+cross-entropy uses the labeled rows, the CGC term all rows (Pillai et al., CVPR 2022, sec. 3.3).
+Accelerate supplies devices, DDP, mixed precision, gradient accumulation, trackers and
+checkpoint state. Data order and augmentation are pure functions of ``(seed, epoch, index)``
+(:mod:`cgc_hf.sampling`), so a resumed run sees the same batches with the same augmentations;
+the global RNG (restored with the checkpoint) is left to the model (CGC geometry, dropout), and
+evaluation draws from its own generator. Checkpoints, the run folder, the optimizer and the
+step guards each live in their own module of this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from .._io import redact
+from ..config import CGCTrainingArguments
+from ..distributed import all_gather_rows
+from ..errors import CGCError, CGCValueError
+from ..modeling import CGCModel
+from .checkpoints import CheckpointManager, TrainerState
+from .guards import NonFiniteWindow, all_finite, out_of_memory_advice
+from .loaders import UnlabeledStream, merge, seeded_loader, train_loader
+from .optim import build_optimizer, build_scheduler
+from .run_folder import RunFolder, resolved_config, save_final_model, tracker_config
+
+logger = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device), as the trainer does before training."""
+    from accelerate.utils import set_seed as accelerate_set_seed
+
+    accelerate_set_seed(seed)
+
+
+class CGCTrainer:
+    """Fine-tune a :class:`CGCModel` with cross-entropy + CGC, labeled and unlabeled data.
+
+    Implements the training of Pillai et al., "Consistent Explanations by Contrastive Learning",
+    CVPR 2022, on Hugging Face Accelerate (any device count, mixed precision, trackers).
+
+    Example:
+        >>> model = CGCModel.from_backbone("resnet50", num_labels=200)
+        >>> args = CGCTrainingArguments(output_dir="runs/cub", num_train_epochs=30)
+        >>> trainer = CGCTrainer(model, args, train_ds, eval_ds, unlabeled_dataset=pool_ds)
+        >>> metrics = trainer.train()  # {"eval_accuracy": ..., "eval_content_heatmap": ...}
+
+    Args:
+        model: the model to train.
+        args: run options.
+        train_dataset: labeled items ``{"pixel_values": (3, H, W), "labels": int}``.
+        eval_dataset: items as above, optionally with ``"mask"`` ``(H, W)`` for Content Heatmap.
+        unlabeled_dataset: items with ``"pixel_values"``; their labels are ignored.
+        data_collator: batches a list of items (default: stack every key).
+        run_info: extra JSON facts saved in ``args.json`` (dataset, split), never secrets.
+    """
+
+    def __init__(
+        self,
+        model: CGCModel,
+        args: CGCTrainingArguments,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None = None,
+        unlabeled_dataset: Dataset | None = None,
+        *,
+        data_collator: Callable[[list[Any]], dict[str, Tensor]] | None = None,
+        run_info: dict[str, Any] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.collate = data_collator or default_collate
+        self.run_info = redact(run_info or {})
+        if len(train_dataset) == 0:
+            raise CGCValueError("train_dataset is empty; it needs at least one labeled image.")
+        if unlabeled_dataset is not None and len(unlabeled_dataset) == 0:
+            unlabeled_dataset = None
+        self.accelerator = acc = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=args.trackers,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            rng_types=[],  # data order is seeded per epoch by EpochSampler, not by global RNG
+            # Without a GPU, Accelerate only forms a multi-process (gloo) group when told it
+            # runs on CPU; saying so makes a plain `torchrun` on a CPU machine work too.
+            cpu=not _has_accelerator(),
+        )
+        rows = args.per_device_train_batch_size + (
+            args.unlabeled_batch_size if unlabeled_dataset is not None else 0
+        )
+        if model.config.cgc_lambda > 0 and rows * acc.num_processes < 2:
+            raise CGCValueError(
+                f"per_device_train_batch_size={args.per_device_train_batch_size} gives 1 image "
+                "per step, and the CGC loss needs other images as negatives; use a batch size "
+                ">= 2, add unlabeled data, or set cgc_lambda=0 for plain fine-tuning."
+            )
+        if acc.num_processes > 1:
+            # Negatives from every process: the loss then matches one process on the full batch.
+            model.set_negative_gather(all_gather_rows)
+        self.run_folder = RunFolder(self.output_dir, acc)
+        self.run_folder.prepare(args.overwrite_output_dir, args.resume_from_checkpoint)
+        self.checkpoints = CheckpointManager(self.output_dir, acc, args.checkpoints_total_limit)
+
+        train, self.train_sampler = train_loader(train_dataset, self.collate, args)
+        self.unlabeled = None
+        if unlabeled_dataset is not None:
+            self.unlabeled = UnlabeledStream(
+                unlabeled_dataset, self.collate, args, acc.num_processes, acc.process_index
+            )
+        eval_loader = None
+        if eval_dataset is not None and len(eval_dataset) > 0:
+            eval_loader = seeded_loader(
+                eval_dataset, None, args.per_device_eval_batch_size, self.collate, args
+            )
+
+        optimizer = build_optimizer(model, args)
+        per_process = math.ceil(
+            len(train_dataset) / (args.per_device_train_batch_size * acc.num_processes)
+        )
+        self.steps_per_epoch = math.ceil(per_process / args.gradient_accumulation_steps)
+        self.max_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        scheduler = build_scheduler(optimizer, args, self.max_steps, acc.num_processes)
+        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(
+            model, optimizer, train, scheduler
+        )
+        self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        self.state = TrainerState()
+
+    # ------------------------------------------------------------------------------ training
+    def train(self) -> dict[str, Any]:
+        """Train to ``max_train_steps`` (or ``num_train_epochs``), evaluate, save the model.
+
+        Returns:
+            The final metrics: ``train_loss``, ``train_steps``, ``train_runtime`` and the
+            ``eval_*`` metrics of the last evaluation.
+        """
+        from tqdm.auto import tqdm
+
+        acc, args = self.accelerator, self.args
+        resumed_from = self._resume()
+        if resumed_from is None:
+            set_seed(args.seed)
+        acc.init_trackers("cgc_hf", config=tracker_config(self._resolved()))
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints.clean_partial()
+        self.run_folder.write_args(self._resolved())
+        state = self.state
+        logger.info(
+            "training %d optimizer steps (%d per epoch, %d processes)%s",
+            self.max_steps,
+            self.steps_per_epoch,
+            acc.num_processes,
+            f", resumed from {resumed_from}" if resumed_from else "",
+        )
+        bar = tqdm(
+            total=self.max_steps,
+            initial=state.global_step,
+            desc="train",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        unlabeled = self.unlabeled.batches(state) if self.unlabeled is not None else None
+        model = acc.unwrap_model(self.model)
+        window = None
+        self._running = _Running()
+        t_start = time.perf_counter()
+        self.model.train()
+        while state.global_step < self.max_steps:
+            self.train_sampler.set_epoch(state.epoch)
+            self.train_loader.set_epoch(state.epoch)
+            loader = self.train_loader
+            if state.batch_in_epoch:
+                loader = acc.skip_first_batches(self.train_loader, state.batch_in_epoch)
+                loader.set_epoch(state.epoch)
+            for batch in loader:
+                state.batch_in_epoch += 1
+                pixel_values, labels = merge(batch, unlabeled)  # (B', 3, H, W), (B',)
+                self._running.images += pixel_values.shape[0] * acc.num_processes
+                window = window or NonFiniteWindow(self.model)
+                model.cgc_weight = self._cgc_weight()
+                with acc.accumulate(self.model), out_of_memory_advice(args):
+                    out = self.model(pixel_values, labels=labels)
+                    finite = all_finite(out["loss"], acc)
+                    # Backward runs even on a bad loss, so every process takes part in DDP's
+                    # gradient reduction; the resulting gradients are discarded below.
+                    acc.backward(out["loss"])
+                    window.add(finite)
+                    if acc.sync_gradients:
+                        if window.finite:
+                            if args.max_grad_norm is not None:
+                                acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                            self.optimizer.step()
+                            self.scheduler.step()
+                        else:
+                            window.restore()
+                        self.optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    self._running.add(out)
+                    state.loss_sum += out["loss"].item()
+                    state.loss_batches += 1
+                if not acc.sync_gradients:
+                    continue
+                state.global_step += 1
+                bar.update(1)
+                if window.finite:
+                    state.nonfinite_in_row = 0
+                else:
+                    self._on_nonfinite()
+                window = None
+                self._after_step(bar)
+                if state.global_step >= self.max_steps:
+                    break
+            else:  # the labeled loader is exhausted: the epoch is complete
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if args.eval_steps is None:
+                    self._evaluate_and_record()
+                if args.checkpointing_steps == "epoch":
+                    self.save_checkpoint()
+        bar.close()
+        train_loss = state.loss_sum / max(state.loss_batches, 1)
+        return self._finish(train_loss, time.perf_counter() - t_start)
+
+    def _cgc_weight(self) -> float:
+        """Share of cgc_lambda at this step: the warm-up ramp, 0 at the first step, then 1."""
+        ramp = self.args.cgc_warmup_steps
+        if ramp == 0 or self.state.global_step >= ramp:
+            return 1.0
+        return self.state.global_step / ramp
+
+    def _after_step(self, bar: Any) -> None:
+        """Log, evaluate and checkpoint after an optimizer step, as the arguments ask."""
+        args, state, run = self.args, self.state, self._running
+        if run.batches and (
+            state.global_step % args.logging_steps == 0 or state.global_step == self.max_steps
+        ):
+            logs = run.logs(self.scheduler.get_last_lr()[0])
+            logs["train/epoch"] = state.epoch + state.batch_in_epoch / len(self.train_loader)
+            self.accelerator.log(logs, step=state.global_step)
+            bar.set_postfix(
+                loss=f"{logs['train/loss']:.3f}",
+                ce=f"{logs['train/loss_ce']:.3f}",
+                cgc=f"{logs['train/loss_cgc']:.3f}",
+                img_s=f"{logs['train/images_per_second']:.1f}",
+            )
+            self._running = _Running()
+        if args.eval_steps and state.global_step % args.eval_steps == 0:
+            self._evaluate_and_record()
+        if (
+            isinstance(args.checkpointing_steps, int)
+            and state.global_step % args.checkpointing_steps == 0
+        ):
+            self.save_checkpoint()
+        self._step_end()
+
+    def _step_end(self) -> None:
+        """Called after every optimizer step (a seam for subclasses and fault-injection tests)."""
+
+    def _on_nonfinite(self) -> None:
+        state, args = self.state, self.args
+        state.nonfinite_in_row += 1
+        state.nonfinite_total += 1
+        logger.warning(
+            "non-finite loss at step %d: update skipped (%d in a row, %d in total; the run stops "
+            "after %d in a row)",
+            state.global_step,
+            state.nonfinite_in_row,
+            state.nonfinite_total,
+            args.max_nonfinite_steps,
+        )
+        self.accelerator.log(
+            {"train/nonfinite_steps": state.nonfinite_total}, step=state.global_step
+        )
+        if state.nonfinite_in_row < args.max_nonfinite_steps:
+            return
+        last = self.checkpoints.latest()
+        if last is None:
+            # The weights are still those of the last finite step: worth keeping.
+            last = self.save_checkpoint()
+        self.accelerator.end_training()
+        raise CGCError(
+            f"training stopped: the loss was not finite for {state.nonfinite_in_row} optimizer "
+            f"steps in a row (last at step {state.global_step}; max_nonfinite_steps="
+            f"{args.max_nonfinite_steps}). The last good checkpoint is {last}. Check the data for "
+            "NaN/inf pixels, lower learning_rate, or use mixed_precision='no', then resume with "
+            f"--resume_from_checkpoint {last}."
+        )
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 accuracy and explanation metrics on the eval dataset, over all processes.
+
+        Returns:
+            ``eval_accuracy`` and ``eval_pointing_game`` in percent, ``eval_consistency``
+            (mean cosine), ``eval_content_heatmap`` (x100), ``eval_zero_heatmaps`` (count),
+            ``eval_insertion`` / ``eval_deletion`` when enabled, ``eval_samples``.
+        """
+        from .. import metrics as metrics_lib
+
+        if self.eval_loader is None:
+            return {}
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        # Its own generator: metrics are comparable between evaluations, and training's RNG
+        # stream is the same whether or not (or how often) the run evaluates.
+        generator = torch.Generator(device=acc.device).manual_seed(self.args.seed)
+        gathered: dict[str, list[Tensor]] = {}
+        first = None
+        try:
+            for batch in self.eval_loader:
+                first = batch if first is None else first
+                with acc.autocast():
+                    per_sample = metrics_lib.evaluate_batch(
+                        model,
+                        batch,
+                        generator=generator,
+                        insertion_steps=self.args.eval_insertion_steps,
+                    )  # each (B,)
+                for key, value in per_sample.items():
+                    value = acc.gather_for_metrics(value.detach().float())  # (B * P,) no padding
+                    gathered.setdefault(key, []).append(value.cpu())
+            if first is not None and self.args.figure_images and acc.is_main_process:
+                self._write_figure(model, first)
+        finally:
+            model.train(was_training)
+        values = {k: torch.cat(v) for k, v in gathered.items()}  # each (N,)
+        out: dict[str, float] = {}
+        for key, v in values.items():
+            # NaN marks a row a metric does not apply to (e.g. accuracy of an unlabeled row).
+            if key == "correct":
+                out["eval_accuracy"] = 100.0 * v.nanmean().item()
+            elif key == "pointing_game":
+                out["eval_pointing_game"] = 100.0 * v.nanmean().item()
+            elif key == "zero_heatmap":
+                out["eval_zero_heatmaps"] = float(v.nansum().item())
+            else:
+                out[f"eval_{key}"] = v.nanmean().item()
+        out["eval_samples"] = float(next(iter(values.values())).numel()) if values else 0.0
+        return out
+
+    def _evaluate_and_record(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if not metrics:
+            return metrics
+        state = self.state
+        state.evaluations.append({"step": state.global_step, "epoch": state.epoch, **metrics})
+        self.accelerator.log(
+            {k.replace("eval_", "eval/"): v for k, v in metrics.items()}, step=state.global_step
+        )
+        logger.info("step %d: %s", state.global_step, _fmt(metrics))
+        self.run_folder.write_metrics(state.evaluations)
+        return metrics
+
+    def _write_figure(self, model: CGCModel, batch: dict[str, Tensor]) -> None:
+        """Heatmaps of the first eval images, as ``output_dir/figures/step_<N>.png``."""
+        try:
+            from ..visualize import explanation_figure
+        except ImportError:  # matplotlib is an optional dependency
+            logger.info("matplotlib is not installed: no heatmap figure is written.")
+            return
+        import matplotlib.pyplot as plt
+
+        path = self.output_dir / "figures" / f"step_{self.state.global_step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = "CGC" if model.config.cgc_lambda > 0 else "baseline"
+        fig = explanation_figure(
+            {name: model}, batch, model.config.data_config, path, max_images=self.args.figure_images
+        )
+        plt.close(fig)
+        self.last_figure = path
+
+    # ------------------------------------------------------------------------------ state
+    def save_checkpoint(self) -> Path:
+        """Save the full training state to ``output_dir/checkpoints/step_<N>``, atomically."""
+        return self.checkpoints.save(self.state)
+
+    def _resume(self) -> Path | None:
+        target = self.args.resume_from_checkpoint
+        path = self.checkpoints.find(target) if target else None
+        if path is not None:
+            self.state = self.checkpoints.load(path)
+        return path
+
+    def _finish(self, train_loss: float, runtime: float) -> dict[str, Any]:
+        acc, state = self.accelerator, self.state
+        last = state.evaluations[-1] if state.evaluations else None
+        if last is None or last["step"] != state.global_step:
+            metrics = self._evaluate_and_record()
+        else:
+            metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        final: dict[str, Any] = {
+            "train_loss": train_loss,
+            "train_steps": state.global_step,
+            "train_runtime": runtime,
+            "nonfinite_steps": state.nonfinite_total,
+            **metrics,
+        }
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.save_model(final)
+            # Written last: a metrics.json with "final" marks the run as finished.
+            self.run_folder.write_metrics(state.evaluations, final)
+        acc.log({f"final/{k}": v for k, v in final.items()}, step=state.global_step)
+        acc.end_training()
+        logger.info("final: %s", _fmt(final))
+        return final
+
+    def save_model(self, metrics: dict[str, Any] | None = None) -> Path:
+        """Save the trained model to ``output_dir/model`` (loads with ``from_pretrained``)."""
+        return save_final_model(
+            self.accelerator.unwrap_model(self.model),
+            self.output_dir / "model",
+            metrics or {},
+            self.run_info,
+            getattr(self, "last_figure", None),
+            self.checkpoints.latest(),
+        )
+
+    def _resolved(self) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        n = self.accelerator.num_processes
+        return resolved_config(
+            self.args, model, n, self.max_steps, self.steps_per_epoch, self.run_info
+        )
+
+
+class _Running:
+    """Sums of the losses since the last log line, and the images seen."""
+
+    def __init__(self) -> None:
+        self.loss = self.ce = self.cgc = 0.0
+        self.batches = self.images = 0
+        self.since = time.perf_counter()
+
+    def add(self, out: dict[str, Tensor]) -> None:
+        self.loss += out["loss"].item()
+        self.ce += out["loss_ce"].item()
+        self.cgc += out["loss_cgc"].item()
+        self.batches += 1
+
+    def logs(self, lr: float) -> dict[str, float]:
+        n = self.batches
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        return {
+            "train/loss": self.loss / n,
+            "train/loss_ce": self.ce / n,
+            "train/loss_cgc": self.cgc / n,
+            "train/lr": lr,
+            "train/images_per_second": self.images / seconds,
+        }
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+    )

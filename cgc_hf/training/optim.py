@@ -1,0 +1,68 @@
+"""The optimizer and learning-rate schedule of a run.
+
+Two learning rates (backbone, classifier head: a new head usually learns faster) times two
+weight-decay settings (biases and normalisation scales are not decayed, the usual fine-tuning
+rule) give at most four parameter groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def build_optimizer(model: nn.Module, args: Any) -> torch.optim.Optimizer:
+    """AdamW or SGD over ``model``'s trainable parameters, in (head, decay) groups.
+
+    Args:
+        model: a :class:`~cgc_hf.CGCModel` (its ``head_parameters()`` get ``head_learning_rate``).
+        args: the run's :class:`~cgc_hf.CGCTrainingArguments`.
+    """
+    head_ids = {id(p) for p in model.head_parameters()}
+    if not head_ids and args.head_learning_rate is not None:
+        logger.warning("no classifier head found; head_learning_rate is not applied.")
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups.setdefault((id(p) in head_ids, p.ndim > 1), []).append(p)
+    head_lr = args.head_learning_rate or args.learning_rate
+    param_groups = [
+        {
+            "params": params,
+            "lr": head_lr if is_head else args.learning_rate,
+            "weight_decay": args.weight_decay if decay else 0.0,
+        }
+        for (is_head, decay), params in sorted(groups.items())
+    ]
+    if args.optim == "sgd":
+        return torch.optim.SGD(param_groups, lr=args.learning_rate, momentum=args.momentum)
+    return torch.optim.AdamW(param_groups, lr=args.learning_rate)
+
+
+def warmup_steps(args: Any, max_steps: int) -> int:
+    """Optimizer steps of linear warmup: ``warmup_steps``, else ``warmup_ratio`` of the run."""
+    return args.warmup_steps or math.ceil(args.warmup_ratio * max_steps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, args: Any, max_steps: int, num_processes: int
+) -> Any:
+    """The learning-rate schedule, counted in scheduler calls.
+
+    Accelerate steps a prepared scheduler once per process at each optimizer step, so the step
+    counts are multiplied by the number of processes.
+    """
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup_steps(args, max_steps) * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )
