@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cgc_hf import build_datasets
-from cgc_hf.data import IGNORE_INDEX, DataError, load_splits, split_labeled
+from cgc_hf.data import IGNORE_INDEX, DataError, collate, load_splits, split_labeled
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,9 +76,38 @@ def test_a_flat_folder_of_images_is_an_unlabeled_pool(splits, tmp_path):
     assert data.unlabeled[0]["pixel_values"].shape == (3, 24, 24)
 
 
-def test_bad_images_are_counted_across_the_datasets(splits):
-    data = build_datasets(splits, CONFIG, labels_per_class=2, on_bad_image="skip")
+def _with_broken_rows(n: int = 12, broken: tuple[int, ...] = (2, 3, 7)):
+    images = [{"bytes": _png(Image.new("RGB", (16, 16), (i * 20, 0, 0))), "path": None}
+              for i in range(n)]  # fmt: skip
+    for i in broken:
+        images[i] = {"bytes": b"not an image", "path": None}
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, feats)
+    return load_splits(datasets.DatasetDict({"train": ds, "test": ds}))
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_images_are_counted_across_the_datasets():
+    data = build_datasets(_with_broken_rows(), CONFIG, on_bad_image="skip")
     assert data.bad_images == 0
-    data.labeled.bad_rows.add(0)
-    data.eval.bad_rows.update({1, 2})
-    assert data.bad_images == 3
+    for ds in (data.labeled, data.eval):
+        for i in range(len(ds)):
+            ds[i]
+    assert data.labeled.bad_rows == [2, 3, 7] and data.bad_images == 6
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images_are_counted_with_dataloader_workers(workers):
+    data = build_datasets(_with_broken_rows(), CONFIG, on_bad_image="skip")
+    loader = torch.utils.data.DataLoader(
+        data.eval, batch_size=4, num_workers=workers, collate_fn=collate
+    )
+    labels = torch.cat([batch["labels"] for batch in loader])
+    # Rows 2 and 3 are replaced by row 4, row 7 by row 8: every row yields an item.
+    assert labels.tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
+    assert data.eval.bad_rows == [2, 3, 7] and data.bad_images == 3

@@ -43,7 +43,8 @@ class CGCDataset(torch.utils.data.Dataset):
         unlabeled: ignore the labels (rows feed the CGC term only).
         on_bad_image: ``"raise"`` a :class:`DataError` naming the row, or ``"skip"``: log it,
             count it in :attr:`bad_images` (distinct rows, each logged once) and return the
-            next readable row instead. With DataLoader workers each worker counts its own.
+            next readable row instead. The count is kept in shared memory, so rows skipped in
+            DataLoader worker processes are counted in the main process too.
 
     Example:
         >>> ds = CGCDataset(splits.train, build_transform(data_config, train=True), splits.spec)
@@ -83,16 +84,23 @@ class CGCDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.unlabeled = unlabeled
         self.on_bad_image = on_bad_image
-        self.bad_rows: set[int] = set()
+        # One flag per row in shared memory: DataLoader workers get copies of this object, but
+        # their flags land in the same buffer, so the main process sees every skipped row.
+        self._bad = torch.zeros(len(hf_dataset), dtype=torch.bool).share_memory_()
         self._decoder = datasets.Image()
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
 
     @property
+    def bad_rows(self) -> list[int]:
+        """The rows skipped as unreadable so far, in any process (``on_bad_image='skip'``)."""
+        return torch.nonzero(self._bad).flatten().tolist()
+
+    @property
     def bad_images(self) -> int:
         """How many distinct rows were skipped as unreadable so far (``on_bad_image='skip'``)."""
-        return len(self.bad_rows)
+        return int(self._bad.sum())
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         n = len(self)
@@ -107,8 +115,8 @@ class CGCDataset(torch.utils.data.Dataset):
                         "Pass on_bad_image='skip' (--on_bad_image skip) to substitute the next "
                         "readable row."
                     ) from err
-                if row not in self.bad_rows:
-                    self.bad_rows.add(row)
+                if not self._bad[row]:
+                    self._bad[row] = True
                     logger.warning("skipping unreadable image at row %d: %s", row, err)
         raise DataError(
             f"{min(n, 16)} consecutive rows from {index} of dataset {self.spec.name!r} have "
