@@ -7,6 +7,7 @@ conversion); heatmaps are ``(B, h, w)`` and non-negative.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import CAM_METHODS
@@ -50,7 +51,12 @@ def linear_head_cam(activations: Tensor, weight: Tensor, classes: Tensor) -> Ten
         Heatmaps, shape ``(B, h, w)``.
     """
     h, w = activations.shape[-2:]
-    wk = weight[classes].to(activations.dtype)  # (B, C)
+    # A one-hot product rather than ``weight[classes]``: the backward of indexing accumulates the
+    # rows that share a class with atomic adds on CPU (once B * C reaches 32768 elements and
+    # several threads run), so the weight's gradient would change from run to run. The product's
+    # backward is a matrix product, deterministic, and its forward is exact.
+    onehot = F.one_hot(classes.long(), weight.shape[0]).to(weight.dtype)  # (B, K)
+    wk = (onehot @ weight).to(activations.dtype)  # (B, C)
     cam = torch.einsum("bchw,bc->bhw", activations, wk) / (h * w)  # (B, h, w)
     return torch.relu(cam)
 
