@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cgc_hf import build_datasets
+from cgc_hf import DataArguments, build_datasets
 from cgc_hf.data import IGNORE_INDEX, DataError, collate, load_splits, split_labeled
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,3 +111,32 @@ def test_bad_images_are_counted_with_dataloader_workers(workers):
     # Rows 2 and 3 are replaced by row 4, row 7 by row 8: every row yields an item.
     assert labels.tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1]
     assert data.eval.bad_rows == [2, 3, 7] and data.bad_images == 3
+
+
+def test_data_arguments_read_yaml_values_by_type_and_check_them():
+    args = DataArguments(
+        mask_foreground_values=["1", "3"],
+        remap_labels="no",
+        labels_per_class="5",
+        unlabeled_dataset="none",
+        mask_threshold="0.5",
+    )
+    assert args.mask_foreground_values == (1, 3) and args.remap_labels is False
+    assert args.labels_per_class == 5 and args.mask_threshold == 0.5
+    assert args.unlabeled_dataset == "none"  # the word, not None: it means "no unlabeled data"
+    for bad, match in [({"box_format": "xyxy_pixels"}, "box_format must be one of xyxy"),
+                       ({"labels_per_class": 2, "label_fraction": 0.5}, "not both"),
+                       ({"mask_threshold": 1.5}, r"mask_threshold must be a number in \[0, 1\)"),
+                       ({"mask_dir": "m", "mask_column_name": "mask"}, "give one")]:  # fmt: skip
+        with pytest.raises(DataError, match=match):
+            DataArguments(**bad)
+
+
+def test_data_arguments_build_the_run_datasets(splits):
+    args = DataArguments(synthetic_kwargs=SYNTHETIC, labels_per_class=2, unlabeled_dataset="none")
+    loaded = args.load_splits(seed=3)
+    assert loaded.train["label"][:] == splits.train["label"][:]
+    data = args.build_datasets(loaded, CONFIG, seed=3)
+    assert data.unlabeled is None and len(data.labeled) == 2 * loaded.num_labels
+    rest = DataArguments(synthetic_kwargs=SYNTHETIC, labels_per_class=2)
+    assert len(rest.build_datasets(loaded, CONFIG, seed=3).unlabeled) == len(loaded.train) - 8

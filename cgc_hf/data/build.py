@@ -26,7 +26,8 @@ from .transforms import build_transform
 
 logger = logging.getLogger(__name__)
 
-NO_UNLABELED = "none"  # ``unlabeled="none"``: the labeled rows only (fully supervised)
+REST = "rest"  # ``unlabeled="rest"`` (or None): the rows a label budget leaves over
+NONE = "none"  # ``unlabeled="none"``: the labeled rows only (fully supervised)
 
 
 @dataclass
@@ -89,8 +90,8 @@ def build_datasets(
             mean, std, interpolation, crop_pct.
         labels_per_class: keep exactly K labels per class; the other rows become unlabeled.
         label_fraction: keep this share of each class's labels; the other rows become unlabeled.
-        unlabeled: None: the rows left without a label by ``labels_per_class`` /
-            ``label_fraction`` (none when neither is given); ``"none"``: no unlabeled data at
+        unlabeled: ``"rest"`` or None: the rows left without a label by ``labels_per_class``
+            / ``label_fraction`` (none when neither is given); ``"none"``: no unlabeled data at
             all (the paper's fully-supervised setting); anything else: a dataset to take the
             unlabeled images from (a registry name, Hub id, directory or ``datasets`` object).
         seed: seed of the labeled choice and of a generated unlabeled dataset.
@@ -115,8 +116,8 @@ def build_datasets(
             seed=seed,
             label_column=splits.spec.label_column,
         )
-    source = unlabeled
-    if isinstance(unlabeled, str) and unlabeled == NO_UNLABELED:
+    source = None if isinstance(unlabeled, str) and unlabeled == REST else unlabeled
+    if isinstance(unlabeled, str) and unlabeled == NONE:
         unlabeled_idx, source = [], None
     # The model's own data config: mean, std and size are never hard-coded.
     train_tf = build_transform(data_config, train=True, scale=crop_scale, ratio=crop_ratio)

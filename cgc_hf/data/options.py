@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..coerce import coerce_fields
 from ..config import DEFAULT_CROP_SCALE
 from ..errors import DataError
 from .annotations import BOX_FORMATS
-from .build import TrainingData, build_datasets
+from .build import REST, TrainingData, build_datasets
 from .dataset import BAD_IMAGE_POLICIES
 from .loading import Splits, load_splits
 
@@ -121,11 +122,13 @@ class DataArguments:
         default=None,
         metadata={"help": "Keep this share of each class's labels; the rest become unlabeled."},
     )
-    unlabeled_dataset: str | None = field(
-        default=None,
+    unlabeled_dataset: str = field(
+        default=REST,
         metadata={
-            "help": "Take unlabeled images from this dataset (a flat image folder works); "
-            "'none' for no unlabeled images at all.",
+            "help": "Unlabeled images (CGC only): 'rest', the training rows that "
+            "--labels_per_class / --label_fraction leave without a label; 'none', no unlabeled "
+            "images (fully supervised); or a dataset to take them from (a flat image folder "
+            "works).",
             "aliases": ("--unlabeled",),
         },
     )
@@ -135,6 +138,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        coerce_fields(self)  # YAML and Python values read by the field types, as flags are
         if self.box_format is not None and self.box_format not in BOX_FORMATS:
             raise DataError(
                 f"box_format must be one of {', '.join(BOX_FORMATS)}; got {self.box_format!r}."
