@@ -118,6 +118,7 @@ BOXES = [
     (None, {"x": X0, "y": Y0, "width": W, "height": H}),
     ("xyxy_norm", {"left": X0 / SIZE, "top": Y0 / SIZE, "right": X1 / SIZE, "bottom": Y1 / SIZE}),
     ("xywh", [[X0, Y0, W, 4], [X0, Y0 + 4, W, 4]]),  # two boxes, united
+    ("xywh", {"bbox": [[X0, Y0, W, 4], [X0, Y0 + 4, W, 4]], "category": [3, 3]}),  # objects
 ]
 
 
@@ -126,7 +127,10 @@ BOX_IDS = [f"{i}-{f}" for i, (f, _) in enumerate(BOXES)]
 
 @pytest.mark.parametrize("box_format, box", BOXES, ids=BOX_IDS)
 def test_box_column_in_each_format(box_format, box):
-    if isinstance(box, dict):
+    if isinstance(box, dict) and "bbox" in box:
+        feature = {"bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+                   "category": datasets.Sequence(datasets.Value("int64"))}  # fmt: skip
+    elif isinstance(box, dict):
         feature = {k: datasets.Value("float32") for k in box}
     elif isinstance(box[0], list):
         feature = datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4))

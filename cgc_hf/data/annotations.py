@@ -9,7 +9,8 @@ object in many ways; each is reduced here to a boolean ``(H, W)`` mask at the im
   other code (object where the value is in ``foreground``, e.g. ``(1, 3)``);
 - boxes: ``xyxy`` / ``xywh`` in pixels, their normalised variants ``xyxy_norm`` / ``xywh_norm``
   (fractions of the width and height), ``yxyx_norm`` (the TFDS order), a struct of named fields
-  (``{xmin, ymin, xmax, ymax}``, ``{x, y, width, height}``, ...) or a list of boxes (united).
+  (``{xmin, ymin, xmax, ymax}``, ``{x, y, width, height}``, ...), a list of boxes (united), or a
+  detection dataset's ``objects`` struct holding them under ``bbox``.
 
 Example:
     >>> box_to_mask([2, 1, 5, 3], width=6, height=4).sum()
@@ -43,6 +44,7 @@ _SIZE_KEYS = (
     ("left", "top", "width", "height"),
 )
 BOX_FIELD_NAMES = _CORNER_KEYS + _SIZE_KEYS
+_NESTED_BOX_KEYS = ("bbox", "bboxes", "box", "boxes")
 _LABEL_INDEX_MAX_VALUES = 16  # more distinct values than this in a mask: a soft mask
 
 
@@ -181,6 +183,10 @@ def box_corners(box: Any, box_format: str = "xyxy") -> list[tuple[float, float, 
         raise DataError("the box is missing (None).")
     if isinstance(box, dict):
         keys = {str(k).lower(): k for k in box}
+        nested = [keys[k] for k in _NESTED_BOX_KEYS if k in keys]
+        if nested and not any(set(names) <= set(keys) for names in BOX_FIELD_NAMES):
+            # Detection-style ``objects`` structs: {"bbox": [[...], ...], "category": [...]}.
+            return box_corners(box[nested[0]], box_format)
         values = [box[keys[k]] for k in keys]
         if values and all(isinstance(v, (list, tuple, np.ndarray)) for v in values):
             # A struct of lists (one entry per box), as datasets stores a Sequence of structs.
