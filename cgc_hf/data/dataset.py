@@ -75,6 +75,8 @@ class CGCDataset(torch.utils.data.Dataset):
                     f"column {col!r} named by the spec of {spec.name!r} is not in the dataset; "
                     f"its columns are {cols}.{close_matches(col, cols)}"
                 )
+        # Rows carry only what an item needs: reading a row reads every column it has.
+        hf_dataset = hf_dataset.select_columns(required)
         # Decode images here, not in datasets, so that a broken file is caught per row.
         for col in (spec.image_column, spec.mask_column):
             if col is not None and isinstance(hf_dataset.features[col], datasets.Image):
