@@ -31,6 +31,7 @@ from .errors import (
     TargetLayerError,
 )
 from .hub import CGCHubMixin
+from .inference import Explanation, explain_images
 from .loss import CGCLoss
 from .metrics import (
     consistency,
@@ -67,6 +68,7 @@ __all__ = [
     "DataArguments",
     "DataError",
     "DatasetSpec",
+    "Explanation",
     "METHOD_FIELDS",
     "Splits",
     "TargetLayer",
@@ -82,6 +84,7 @@ __all__ = [
     "content_heatmap",
     "denormalize",
     "evaluate_batch",
+    "explain_images",
     "explanation_figure",
     "heatmap_grid",
     "heatmap_to_image_size",

@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from .backbones import ADAPTERS
 from .config import METHOD_FIELDS, CGCConfig
 from .errors import CGCTypeError
 
@@ -48,6 +49,7 @@ def model_card(
     metrics: dict[str, float] | None = None,
     figure: str | Path | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
 ) -> str:
     """Write the README.md of a saved model: YAML front matter the Hub reads, then the card.
 
@@ -61,6 +63,8 @@ def model_card(
         figure: heatmap figure; the card links its file name, so the caller copies the file
             next to README.md (:meth:`CGCModel.save_pretrained` does).
         repo_id: Hub id used in the usage snippets (a placeholder when omitted).
+        license: license of the weights (front matter ``license``), e.g. the pretrained
+            config's.
 
     Returns:
         The markdown text, starting with ``---`` front matter.
@@ -83,7 +87,8 @@ def model_card(
         pipeline_tag="image-classification",
         tags=[*BASE_TAGS, library] if config.library else list(BASE_TAGS),
         base_model=base_model,
-        datasets=[dataset] if dataset else None,
+        license=license,
+        datasets=[dataset] if dataset and _is_hub_id(dataset) else None,
         model_name=title if metrics and dataset else None,
         eval_results=_eval_results(metrics, dataset),
     )
@@ -192,28 +197,19 @@ pixel_values = torch.randn(1, 3, {h}, {w})  # normalise with model.config.data_c
 logits = model(pixel_values)["logits"]  # (1, {config.num_labels})
 heatmaps = model.explain(pixel_values, size=({h}, {w}))  # (1, {h}, {w}) Grad-CAM
 ```"""
-    if config.library == "timm":
-        plain = """\
-```python
-import timm
-
-model.export_backbone("exported")  # timm config.json + model.safetensors
-backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf needed
-```"""
-    else:
-        plain = """\
-```python
-from transformers import AutoModelForImageClassification
-
-model.export_backbone("exported")  # the classifier's own save_pretrained format
-backbone = AutoModelForImageClassification.from_pretrained("exported")  # no cgc_hf needed
-```"""
+    plain = ADAPTERS.get(config.library or "", ADAPTERS["transformers"]).export_usage
     return (
         "## Usage\n\nWith cgc_hf (`pip install cgc_hf`):\n\n"
         + cgc
         + f"\n\nThe fine-tuned classifier also exports to plain {config.library}, so it runs "
         "without cgc_hf:\n\n" + plain
     )
+
+
+def _is_hub_id(name: str) -> bool:
+    """``org/name``, which the Hub's ``datasets:`` metadata links; not a path or a short name."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).expanduser().exists()
 
 
 def _target_name(config: CGCConfig) -> str:

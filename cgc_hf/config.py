@@ -116,6 +116,13 @@ class CGCConfig:
             "any size)."
         },
     )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the pretrained weights the backbone started from (None: random "
+            "init, or not known for a model passed as an instance)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.input_size, int) and not isinstance(self.input_size, bool):

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 from torch import Tensor
 
 from ._io import replace_folder
-from .backbones import rebuild_backbone, unrecordable_kwargs
+from .backbones import BackboneAdapter
 from .card import model_card
 from .config import CGCConfig
 from .errors import CGCValueError, CheckpointError
@@ -82,6 +82,7 @@ class CGCHubMixin:
 
     config: CGCConfig
     backbone: nn.Module
+    adapter: BackboneAdapter
 
     # ------------------------------------------------------------------------------ save
     def save_pretrained(
@@ -94,6 +95,8 @@ class CGCHubMixin:
         label_setting: str | None = None,
         figure: str | os.PathLike | None = None,
         repo_id: str | None = None,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` and a ``README.md`` model card.
 
@@ -103,11 +106,16 @@ class CGCHubMixin:
         Args:
             save_directory: folder to create (or an empty folder, or an earlier save).
             metrics: evaluation results for the card, ``{name: value}``.
-            base_model: Hub id of the checkpoint that was fine-tuned, for the card.
+            base_model: Hub id of the checkpoint that was fine-tuned, for the card; by default
+                the pretrained weights the backbone was created with (none for random init).
             dataset: dataset name or Hub id, for the card.
             label_setting: labels used in training, e.g. ``"1% labels"``, for the card.
             figure: image file of heatmaps; copied into the folder and shown in the card.
             repo_id: Hub id to show in the card's usage snippet.
+            safe_serialization: accepted as in transformers; weights are always written as
+                safetensors (pickle weights would need ``allow_pickle`` to load again).
+            is_main_process: as in transformers' distributed saving: only the main process
+                writes, the others return the folder without touching it.
 
         Returns:
             The folder written.
@@ -117,12 +125,21 @@ class CGCHubMixin:
                 (a timm instance built with constructor arguments cgc_hf did not see), or when
                 ``save_directory`` holds other files.
         """
+        if not is_main_process:
+            return Path(save_directory)  # the main process writes the one copy
+        if not safe_serialization:
+            logger.warning(
+                "safe_serialization=False: cgc_hf writes %s (safetensors) anyway; pickle "
+                "weights could run code when loaded.",
+                WEIGHTS_NAME,
+            )
         figure_path = _check_figure(figure)
         self._check_rebuildable()
         config_dict = _config_file_dict(self.config)
         card = model_card(
             self.config,
-            base_model=base_model,
+            base_model=base_model or self.config.base_model,
+            license=self.adapter.license(self.backbone) if self.config.base_model else None,
             dataset=dataset,
             label_setting=label_setting,
             metrics=metrics,
@@ -146,25 +163,23 @@ class CGCHubMixin:
 
     def _check_rebuildable(self) -> None:
         """Rebuild the backbone from the config (on the meta device) and compare state dicts."""
-        cfg = self.config
-        if cfg.library == "timm":
-            given = cfg.backbone_config.get("model_kwargs") or {}
-            hidden = unrecordable_kwargs(self.backbone, given)
-            if hidden:
-                raise CheckpointError(
-                    f"the timm backbone {cfg.architecture!r} was built with constructor arguments "
-                    f"{hidden} that a JSON config cannot hold (e.g. a layer class), so a reloaded "
-                    "model could compute something else. Build it with CGCModel.from_backbone("
-                    f"{cfg.architecture!r}, model_kwargs=...) using only plain values."
-                )
+        cfg, adapter = self.config, self.adapter
+        hidden = adapter.unrecordable_kwargs(self.backbone, cfg.backbone_config)
+        if hidden:
+            raise CheckpointError(
+                f"the {cfg.library} backbone {cfg.architecture!r} was built with constructor "
+                f"arguments {hidden} that a JSON config cannot hold (e.g. a layer class), so a "
+                "reloaded model could compute something else. Build it with CGCModel.from_backbone("
+                f"{cfg.architecture!r}, model_kwargs=...) using only plain values."
+            )
         try:
             with torch.device("meta"):  # structure only: no memory, no initialisation cost
-                rebuilt = rebuild_backbone(cfg.library, cfg.architecture, cfg.backbone_config)
+                rebuilt = adapter.rebuild(cfg.architecture, cfg.backbone_config)
         except (TypeError, ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(
                 f"config.backbone_config does not rebuild the {cfg.library} backbone "
                 f"{cfg.architecture!r} ({type(err).__name__}: {err}); saving it would give a "
-                f"folder that cannot be loaded. {_rebuild_hint(self.backbone, cfg)}"
+                f"folder that cannot be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
             ) from err
         problems = _state_dict_diff(
             {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()},
@@ -174,7 +189,7 @@ class CGCHubMixin:
             raise CheckpointError(
                 f"config.backbone_config rebuilds a different {cfg.library} architecture than "
                 f"the model's backbone {cfg.architecture!r} ({problems}), so the saved folder "
-                f"could not be loaded. {_rebuild_hint(self.backbone, cfg)}"
+                f"could not be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
             )
 
     # ------------------------------------------------------------------------------ load
@@ -192,6 +207,7 @@ class CGCHubMixin:
         device: str | torch.device = "cpu",
         num_labels: int | None = None,
         force_download: bool = False,
+        map_location: str | torch.device | None = None,
     ) -> M:
         """Load a model saved with :meth:`save_pretrained`, from a folder or a Hub repository.
 
@@ -213,6 +229,8 @@ class CGCHubMixin:
             device: where to put the loaded model.
             num_labels: expected number of classes; a different saved value raises.
             force_download: download again even when cached.
+            map_location: the same as ``device`` (the name ``torch.load`` and
+                ``PyTorchModelHubMixin`` use).
 
         Returns:
             The model, in eval mode, on ``device``.
@@ -222,6 +240,13 @@ class CGCHubMixin:
                 model, holds only pickle weights without ``allow_pickle``, is corrupted, or
                 does not match the rebuilt architecture.
         """
+        if map_location is not None:
+            if str(device) != "cpu" and torch.device(device) != torch.device(map_location):
+                raise CGCValueError(
+                    f"device={str(device)!r} and map_location={str(map_location)!r} disagree; "
+                    "pass one of them."
+                )
+            device = map_location
         folder = _resolve_folder(
             repo_id_or_dir,
             revision=revision,
@@ -256,6 +281,7 @@ class CGCHubMixin:
         commit_message: str = "Upload CGC model (cgc_hf)",
         create_pr: bool = False,
         revision: str | None = None,
+        branch: str | None = None,
         metrics: dict[str, float] | None = None,
         **card_kwargs: Any,
     ) -> CommitInfo:
@@ -267,7 +293,9 @@ class CGCHubMixin:
             token: Hub token; passed to the client only, never written or logged.
             commit_message: message of the upload commit.
             create_pr: open a pull request instead of committing to the branch.
-            revision: branch to commit to (default ``main``).
+            revision: branch to commit to (default ``main``); created from ``main`` when
+                missing.
+            branch: the same as ``revision`` (``PyTorchModelHubMixin.push_to_hub``'s name).
             metrics: evaluation results for the model card.
             **card_kwargs: ``base_model``, ``dataset``, ``label_setting``, ``figure`` for the card.
 
@@ -276,9 +304,18 @@ class CGCHubMixin:
         """
         import tempfile
 
+        if branch is not None:
+            if revision is not None and revision != branch:
+                raise CGCValueError(
+                    f"revision={revision!r} and branch={branch!r} disagree; pass one of them."
+                )
+            revision = branch
         api = HfApi(token=token, library_name="cgc_hf")
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = getattr(url, "repo_id", None) or repo_id
+        if revision is not None and not create_pr:
+            # upload_folder refuses a branch that does not exist yet
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
         with tempfile.TemporaryDirectory(prefix="cgc_hf-push-") as tmp:
             folder = self.save_pretrained(
                 Path(tmp) / "model", metrics=metrics, repo_id=repo_id, **card_kwargs
@@ -314,19 +351,7 @@ class CGCHubMixin:
         backbone, cfg = self.backbone, self.config
 
         def write(folder: Path) -> None:
-            if cfg.library == "timm":
-                from timm.models import save_for_hf
-
-                model_config = {}
-                if cfg.id2label:
-                    names = [cfg.id2label[k] for k in sorted(cfg.id2label)]
-                    dense = sorted(cfg.id2label) == list(range(len(names)))
-                    model_config["label_names"] = names if dense else dict(cfg.id2label)
-                save_for_hf(
-                    backbone, str(folder), model_config=model_config, safe_serialization=True
-                )
-            else:
-                backbone.save_pretrained(str(folder))
+            self.adapter.export(backbone, folder, cfg)
 
         out = _write_atomically(Path(save_directory), write, _is_export_folder, "backbone export")
         logger.info("exported the %s backbone %s to %s", cfg.library, cfg.architecture, out)
@@ -398,31 +423,6 @@ def _is_export_folder(folder: Path) -> bool:
     return all(
         p.is_file() and (p.name in _EXPORT_NAMES or p.name.startswith("model-"))
         for p in folder.iterdir()
-    )
-
-
-def _rebuild_hint(backbone: nn.Module, config: CGCConfig) -> str:
-    if config.library != "timm":
-        return (
-            "transformers backbones are rebuilt from model.config: either the backbone was "
-            "changed after it was built, or cgc_hf.backbones.rebuild_backbone does not handle "
-            f"{config.architecture} (please report it). export_backbone(dir) still saves the "
-            "classifier in transformers' own format."
-        )
-    kwargs = "{...}"
-    try:
-        from timm.models import get_model_args  # records constructor arguments (recent timm)
-
-        args = {k: v for k, v in get_model_args(backbone).items() if k != "num_classes"}
-        kwargs = repr(args)
-    except ImportError:
-        pass  # older timm keeps no record; the user knows the arguments they passed
-    return (
-        "timm models passed as an instance, or created from a 'local-dir:' / 'hf-hub:' name, "
-        "carry constructor arguments cgc_hf does not see. Build the model with "
-        f"CGCModel.from_backbone({config.architecture!r}, model_kwargs={kwargs}, "
-        "pretrained=False, ...) so they are recorded, then copy the weights in with "
-        "model.backbone.load_state_dict(<your backbone>.state_dict())."
     )
 
 

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
-from .backbones import (
-    create_backbone,
-    data_config_of,
-    disable_fused_attention,
-    logits_of,
-    rebuild_backbone,
-    target_hints,
-)
+from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .cam import class_scores, combine, linear_head_cam
 from .config import IGNORE_INDEX, CGCConfig
 from .errors import CGCValueError
@@ -27,6 +20,9 @@ from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
 from .weights import load_weights
+
+if TYPE_CHECKING:
+    from .inference import Explanation, ImageLike
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +58,16 @@ class CGCModel(CGCHubMixin, nn.Module):
                 "config describes no backbone (library / backbone_config unset); build the model "
                 "with CGCModel.from_backbone(name_or_model, ...) instead."
             )
+        adapter = get_adapter(config.library)
         if backbone is None:
-            backbone = rebuild_backbone(config.library, config.architecture, config.backbone_config)
-        disable_fused_attention(backbone, config.library)
+            backbone = adapter.rebuild(config.architecture, config.backbone_config)
+        adapter.disable_fused_attention(backbone)
+        self.adapter: BackboneAdapter = adapter  # the library's steps, picked once
         self.backbone = backbone
         self.config = config
         self.loss_fn = CGCLoss(config.temperature)
         if config.data_config is None:
-            config.data_config = data_config_of(backbone, config.library, None)
+            config.data_config = config.with_input_size(adapter.data_config(backbone, None))
         if config.target is None:
             config.target = self._resolve_target(config.target_layer).to_dict()
         self.target = TargetLayer.from_dict(config.target)
@@ -112,23 +110,22 @@ class CGCModel(CGCHubMixin, nn.Module):
             num_labels = len(id2label)
         if pretrained_weights is not None:
             pretrained = False  # the file's weights replace any download
-        backbone, library, arch, bcfg = create_backbone(
-            name_or_model, num_labels, id2label, pretrained, model_kwargs
-        )
+        built = create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+        adapter, backbone = built.adapter, built.model
         if pretrained_weights is not None:
             load_weights(backbone, pretrained_weights)
         source = name_or_model if isinstance(name_or_model, str) else None
-        num = backbone.num_classes if library == "timm" else backbone.config.num_labels
-        if id2label is None and library == "transformers":
-            id2label = {int(k): v for k, v in backbone.config.id2label.items()}
+        if id2label is None:
+            id2label = adapter.id2label(backbone)
         config = CGCConfig(
-            library=library,
-            architecture=arch,
-            backbone_config=bcfg,
-            num_labels=num,
+            library=adapter.library,
+            architecture=built.architecture,
+            backbone_config=built.config,
+            num_labels=adapter.num_labels(backbone),
             id2label=id2label,
             target_layer=target_layer,
-            data_config=data_config_of(backbone, library, source),
+            data_config=adapter.data_config(backbone, source),
+            base_model=built.base_model,
             **cgc_options,
         )
         return cls(config, backbone=backbone)
@@ -137,7 +134,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         size = tuple(self.config.data_config["input_size"][-2:])
         param = next(self.backbone.parameters())
         example = torch.randn(2, 3, *size, device=param.device)
-        layout_hint, prefix_hint = target_hints(self.backbone)
+        layout_hint, prefix_hint = self.adapter.target_hints(self.backbone)
         return resolve_target(
             self.backbone,
             self._logits,
@@ -183,7 +180,7 @@ class CGCModel(CGCHubMixin, nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def _logits(self, pixel_values: Tensor) -> Tensor:
-        return logits_of(self.backbone, self.config.library, pixel_values)
+        return self.adapter.logits(self.backbone, pixel_values)
 
     def forward(
         self,
@@ -331,3 +328,23 @@ class CGCModel(CGCHubMixin, nn.Module):
             size = (size, size) if isinstance(size, int) else tuple(size)
             cams = F.interpolate(cams[:, None], size, mode="bilinear", align_corners=False)[:, 0]
         return cams if create_graph else cams.detach()
+
+    def explain_images(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        classes: Sequence[int] | None = None,
+        batch_size: int = 16,
+        alpha: float = 0.5,
+    ) -> list[Explanation]:
+        """Predict and explain image files or PIL images, preprocessed with ``config.data_config``.
+
+        See :func:`cgc_hf.inference.explain_images`.
+
+        Example:
+            >>> (result,) = model.explain_images("cat.jpg")
+            >>> result.label, result.score  # predicted class and its probability
+            >>> result.save_overlay("cat_gradcam.png")  # heatmap over the view the model saw
+        """
+        from .inference import explain_images  # images and figures: only when asked for
+
+        return explain_images(self, images, classes, batch_size=batch_size, alpha=alpha)

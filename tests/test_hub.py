@@ -599,3 +599,88 @@ def test_save_pretrained_writes_card_and_copies_figure(saved, tmp_path) -> None:
     assert "![Grad-CAM heatmaps of the fine-tuned model](cam_grid.png)" in text
     assert front_matter(text)["base_model"] == "timm/resnet18.a1_in1k"
     assert "1% labels" in text
+
+
+# ---------------------------------------------------------------------------------- users' habits
+def test_transformers_export_runs_in_the_image_classification_pipeline(tmp_path: Path) -> None:
+    from PIL import Image
+    from transformers import pipeline
+
+    from cgc_hf import build_transform
+
+    model = trained_like(hf_vit())
+    folder = model.export_backbone(tmp_path / "plain")
+    assert (folder / "preprocessor_config.json").is_file()
+    classify = pipeline("image-classification", model=str(folder), device="cpu")
+    rng = torch.Generator().manual_seed(3)
+    image = Image.fromarray(
+        torch.randint(0, 256, (50, 40, 3), generator=rng, dtype=torch.uint8).numpy()
+    )
+    top = classify(image, top_k=3)
+    x = build_transform(model.config.data_config, train=False)(image)[None]
+    probs = logits(model, x).softmax(1)[0]
+    assert {r["label"]: round(r["score"], 2) for r in top} == {
+        LABELS[k]: round(float(probs[k]), 2) for k in range(3)
+    }
+
+
+def _pretrained_resnet(tmp_path: Path, pretrained: bool) -> CGCModel:
+    # timm loads "pretrained" weights from a local file (no download), as a Hub cache would
+    weights = tmp_path / "weights.safetensors"
+    source = timm.create_model("resnet18", num_classes=3, layers=(1, 1, 1, 1))
+    safetensors.torch.save_file(source.state_dict(), str(weights))
+    return CGCModel.from_backbone(
+        "resnet18",
+        num_labels=3,
+        pretrained=pretrained,
+        model_kwargs={"layers": (1, 1, 1, 1), "pretrained_cfg_overlay": {"file": str(weights)}},
+    )
+
+
+def test_card_base_model_and_license_come_from_the_pretrained_weights(tmp_path: Path) -> None:
+    model = _pretrained_resnet(tmp_path, pretrained=True)
+    assert model.config.base_model == model.backbone.pretrained_cfg["hf_hub_id"]
+    meta = front_matter(
+        (model.save_pretrained(tmp_path / "a", dataset="cub") / "README.md").read_text()
+    )
+    assert meta["base_model"] == "timm/resnet18.a1_in1k"  # a Hub page, not the bare name
+    assert meta["license"] == "apache-2.0"
+    assert "datasets" not in meta  # "cub" is a short name, not a Hub dataset id
+
+    scratch = _pretrained_resnet(tmp_path, pretrained=False)
+    meta = front_matter((scratch.save_pretrained(tmp_path / "b") / "README.md").read_text())
+    assert "base_model" not in meta and "license" not in meta  # random init: nothing to credit
+
+
+def test_transformers_style_save_and_load_arguments(saved, tmp_path: Path, caplog) -> None:
+    model, folder = saved
+    x = images()
+    loaded = CGCModel.from_pretrained(folder, map_location="cpu")
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    with pytest.raises(ValueError, match="map_location"):
+        CGCModel.from_pretrained(folder, device="cuda:0", map_location="cpu")
+
+    other = tmp_path / "not-main"
+    assert model.save_pretrained(other, is_main_process=False) == other
+    assert not other.exists()  # only the main process writes
+    with caplog.at_level(logging.WARNING):
+        out = model.save_pretrained(tmp_path / "m", safe_serialization=False)
+    assert "safe_serialization=False" in caplog.text
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+
+
+def test_push_to_hub_branch_is_created_and_committed_to(saved, monkeypatch) -> None:
+    model, _ = saved
+
+    class BranchApi(FakeHfApi):
+        def create_branch(self, **kwargs):
+            self.calls.append(("create_branch", kwargs))
+
+    FakeHfApi.instances.clear()
+    monkeypatch.setattr(hub, "HfApi", BranchApi)
+    model.push_to_hub("org/cgc", branch="dev")
+    (api,) = FakeHfApi.instances
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[1][1]["branch"] == "dev" and api.calls[2][1]["revision"] == "dev"
+    with pytest.raises(ValueError, match="revision='main' and branch='dev'"):
+        model.push_to_hub("org/cgc", branch="dev", revision="main")
