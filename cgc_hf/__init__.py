@@ -3,6 +3,15 @@
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
+from .classifiers import load_classifier
+from .comparison import (
+    EvaluationArguments,
+    column_names,
+    compare,
+    folder_name,
+    format_table,
+    write_results,
+)
 from .config import METHOD_FIELDS, CGCConfig, CGCTrainingArguments
 from .data import (
     DATASETS,
@@ -30,13 +39,21 @@ from .errors import (
     DataError,
     TargetLayerError,
 )
+from .evaluation import (
+    METRICS,
+    Evaluation,
+    Metric,
+    evaluate,
+    evaluate_batch,
+    paired_difference,
+    summarize,
+)
 from .hub import CGCHubMixin
 from .inference import Explanation, explain_images
 from .loss import CGCLoss
 from .metrics import (
     consistency,
     content_heatmap,
-    evaluate_batch,
     heatmap_to_image_size,
     insertion_deletion,
     pointing_game,
@@ -46,7 +63,13 @@ from .modeling import CGCModel
 from .synthetic import make_synthetic
 from .targets import TargetLayer, resolve_target
 from .training import CGCTrainer, latest_checkpoint, set_seed
-from .visualize import denormalize, explanation_figure, heatmap_grid, overlay
+from .visualize import (
+    comparison_figures,
+    denormalize,
+    explanation_figure,
+    heatmap_grid,
+    overlay,
+)
 
 __version__ = "0.1.0"
 
@@ -68,8 +91,12 @@ __all__ = [
     "DataArguments",
     "DataError",
     "DatasetSpec",
+    "Evaluation",
+    "EvaluationArguments",
     "Explanation",
     "METHOD_FIELDS",
+    "METRICS",
+    "Metric",
     "Splits",
     "TargetLayer",
     "TargetLayerError",
@@ -79,30 +106,40 @@ __all__ = [
     "build_datasets",
     "build_transform",
     "collate",
+    "column_names",
     "combine",
+    "compare",
+    "comparison_figures",
     "consistency",
     "content_heatmap",
     "denormalize",
+    "evaluate",
     "evaluate_batch",
     "explain_images",
     "explanation_figure",
+    "folder_name",
+    "format_table",
     "heatmap_grid",
     "heatmap_to_image_size",
     "insertion_deletion",
     "latest_checkpoint",
     "linear_head_cam",
+    "load_classifier",
     "load_split",
     "load_splits",
     "make_synthetic",
     "model_card",
     "overlay",
+    "paired_difference",
     "pointing_game",
     "resolve_target",
     "sample_crop_flip",
     "save_split",
     "set_seed",
     "split_labeled",
+    "summarize",
     "to_rgb",
     "warp",
+    "write_results",
     "zero_heatmaps",
 ]

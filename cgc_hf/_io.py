@@ -25,12 +25,15 @@ _SECRET_KEY = re.compile(r"token|password|secret", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as JSON via a temporary file and a rename; readers never see half a file."""
+def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> None:
+    """Write ``data`` as JSON via a temporary file and a rename; readers never see half a file.
+
+    ``sort_keys=False`` keeps the order of the mappings (e.g. models in the order compared).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from huggingface_hub import EvalResult, ModelCardData
 from .backbones import ADAPTERS
 from .config import METHOD_FIELDS, CGCConfig
 from .errors import CGCTypeError
+from .evaluation import PREFIX, SAMPLES, metric
 
 CITATION = """\
 @inproceedings{pillai2022consistent,
@@ -25,17 +26,6 @@ CITATION = """\
 }"""
 
 BASE_TAGS = ("cgc", "grad-cam", "explainability", "image-classification")
-
-METRIC_NAMES = {
-    "accuracy": "Top-1 accuracy",
-    "content_heatmap": "Content Heatmap (x100)",
-    "pointing_game": "Pointing game",
-    "consistency": "Heatmap consistency (cosine)",
-    "insertion": "Insertion AUC",
-    "deletion": "Deletion AUC",
-    "zero_heatmap": "Share of all-zero heatmaps",
-}
-"""Readable names of the metrics cgc_hf reports (other keys are shown as given)."""
 
 _PLACEHOLDER = "<repo_id_or_dir>"
 
@@ -58,8 +48,9 @@ def model_card(
         base_model: Hub id of the checkpoint that was fine-tuned (front matter ``base_model``).
         dataset: dataset name or Hub id it was fine-tuned on (front matter ``datasets``).
         label_setting: how many labels training saw, e.g. ``"10 labels per class"``.
-        metrics: evaluation results, ``{name: value}``; keys such as ``"accuracy"`` or
-            ``"eval_content_heatmap"`` get readable names.
+        metrics: evaluation results, ``{name: value}``; keys of
+            :data:`cgc_hf.evaluation.METRICS` (``"accuracy"``, or the trainer's
+            ``"eval_content_heatmap"``) are shown with that table's label and unit.
         figure: heatmap figure; the card links its file name, so the caller copies the file
             next to README.md (:meth:`CGCModel.save_pretrained` does).
         repo_id: Hub id used in the usage snippets (a placeholder when omitted).
@@ -219,12 +210,16 @@ def _target_name(config: CGCConfig) -> str:
 
 
 def _metric_key(key: str) -> str:
-    return key.removeprefix("eval_")
+    return key.removeprefix(PREFIX)
 
 
 def _metric_name(key: str) -> str:
+    """The title :data:`cgc_hf.evaluation.METRICS` gives the metric; other keys as written."""
+    known = metric(key)
+    if known is not None:
+        return known.title
     base = _metric_key(key)
-    return METRIC_NAMES.get(base, base.replace("_", " "))
+    return "Evaluated images" if base == SAMPLES else base.replace("_", " ")
 
 
 def _fmt(value: Any) -> str:

@@ -7,25 +7,22 @@ same bilinear resize the figures in :mod:`cgc_hf.visualize` use.
 
 Only :func:`insertion_deletion` changes the model's mode (to eval, restored afterwards); the others
 run the model as it is, so call ``model.eval()`` before evaluating held-out data.
+:mod:`cgc_hf.evaluation` runs them all over a data loader.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import align_heatmaps, sample_crop_flip, warp
+from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
+from .config import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE
 from .errors import CGCValueError
-from .modeling import IGNORE_INDEX
-
-logger = logging.getLogger(__name__)
 
 DELETION_BASELINES = ("zeros", "blur")
 
@@ -139,8 +136,9 @@ def consistency(
     model: nn.Module,
     pixel_values: Tensor,
     generator: torch.Generator | None = None,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    transforms: CropFlip | None = None,
+    scale: tuple[float, float] = DEFAULT_CROP_SCALE,
+    ratio: tuple[float, float] = DEFAULT_CROP_RATIO,
     flip_prob: float = 0.5,
     size: int = 56,
     classes: Tensor | None = None,
@@ -158,6 +156,9 @@ def consistency(
         pixel_values: normalised images ``(B, 3, H, W)``.
         generator: random generator for the transforms, for a reproducible metric. It may live
             on the CPU while the images are on an accelerator.
+        transforms: the crop/flip per row, instead of drawing them (``scale``, ``ratio``,
+            ``flip_prob`` and ``generator`` are then unused); :func:`cgc_hf.evaluation.evaluate`
+            passes transforms seeded per image.
         scale: area range of the random resized crop.
         ratio: aspect-ratio range of the crop.
         flip_prob: probability of a horizontal flip.
@@ -170,9 +171,14 @@ def consistency(
     b, _, h, w = pixel_values.shape
     if classes is None:
         classes = _logits(model, pixel_values).argmax(1)  # (B,)
-    sample_device = generator.device if generator is not None else pixel_values.device
-    geometry = sample_crop_flip(b, scale, ratio, flip_prob, w / h, sample_device, generator)
-    geometry = geometry.to(pixel_values.device)
+    if transforms is None:
+        sample_device = generator.device if generator is not None else pixel_values.device
+        transforms = sample_crop_flip(b, scale, ratio, flip_prob, w / h, sample_device, generator)
+    elif len(transforms) != b:
+        raise CGCValueError(
+            f"transforms must hold one crop/flip per image; got {len(transforms)} for {b} images."
+        )
+    geometry = transforms.to(pixel_values.device)
     x_aug = warp(pixel_values, geometry)  # (B, 3, H, W)
     classes = classes.to(pixel_values.device)
     # One explain call over both views: a single forward/backward instead of two.
@@ -306,75 +312,3 @@ def _curve(
         p = model(images)["logits"].float().softmax(1)  # (N, K)
         probs.append(p.gather(1, classes[r][:, None])[:, 0])  # (N,)
     return torch.cat(probs).view(b, n)  # (B, S+1)
-
-
-# --------------------------------------------------------------------------------- one batch
-_warned_training = False
-
-
-def evaluate_batch(
-    model: nn.Module,
-    batch: dict[str, Any],
-    *,
-    generator: torch.Generator | None = None,
-    insertion_steps: int = 0,
-    consistency_size: int = 56,
-    **insertion_kwargs: Any,
-) -> dict[str, Tensor]:
-    """All per-sample metrics for one evaluation batch, ready for ``gather_for_metrics``.
-
-    Content Heatmap and the pointing game explain the ground-truth class (DESIGN 1.3; the
-    predicted class for rows without a label); consistency and insertion / deletion explain the
-    predicted class.
-
-    Args:
-        model: a :class:`~cgc_hf.CGCModel`, normally in eval mode (it is not switched here,
-            except inside :func:`insertion_deletion`).
-        batch: ``pixel_values`` ``(B, 3, H, W)``; optional ``labels`` ``(B,)`` (-100 =
-            unlabeled) and ``mask`` ``(B, H, W)``.
-        generator: random generator for the consistency transforms.
-        insertion_steps: chunks of the insertion / deletion curves; 0 skips them (they cost
-            ``2 * (steps + 1)`` forward passes per image).
-        consistency_size: side of the grid on which consistency compares heatmaps.
-        **insertion_kwargs: passed to :func:`insertion_deletion` (``blur_sigma``...).
-
-    Returns:
-        Float tensors ``(B,)``: ``correct`` (when labels are given; NaN on unlabeled rows),
-        ``consistency``; with a mask ``content_heatmap``, ``pointing_game``, ``zero_heatmap``
-        (1.0 where the heatmap is all zero); with ``insertion_steps > 0`` ``insertion``,
-        ``deletion``.
-    """
-    global _warned_training
-    if "pixel_values" not in batch:
-        raise CGCValueError(f"batch must contain 'pixel_values'; got keys {sorted(batch)}.")
-    if model.training and not _warned_training:
-        logger.warning(
-            "evaluate_batch: the model is in training mode, so BatchNorm statistics will change "
-            "and dropout is active; call model.eval() before evaluating."
-        )
-        _warned_training = True
-    x = batch["pixel_values"]
-    labels = batch.get("labels")
-    pred = _logits(model, x).argmax(1)  # (B,)
-    out: dict[str, Tensor] = {}
-    target = pred
-    if labels is not None:
-        labels = labels.to(x.device)
-        labeled = labels != IGNORE_INDEX
-        out["correct"] = torch.where(labeled, (pred == labels).float(), float("nan"))
-        target = torch.where(labeled, labels, pred)
-    out["consistency"] = consistency(
-        model, x, generator=generator, size=consistency_size, classes=pred
-    )
-    if batch.get("mask") is not None:
-        masks = batch["mask"].to(x.device)
-        heatmaps = model.explain(x, target)  # (B, h, w)
-        out["content_heatmap"] = content_heatmap(heatmaps, masks)
-        out["pointing_game"] = pointing_game(heatmaps, masks)
-        out["zero_heatmap"] = zero_heatmaps(heatmaps).float()
-    if insertion_steps > 0:
-        heatmaps = model.explain(x, pred)  # (B, h, w)
-        out["insertion"], out["deletion"] = insertion_deletion(
-            model, x, heatmaps, pred, steps=insertion_steps, **insertion_kwargs
-        )
-    return out

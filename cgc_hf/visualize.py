@@ -8,6 +8,7 @@ metrics use, so a picture shows exactly what was scored.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CGCValueError, close_matches
-from .metrics import IGNORE_INDEX, heatmap_to_image_size, zero_heatmaps
+from .metrics import heatmap_to_image_size, zero_heatmaps
+from .modeling import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -289,3 +291,80 @@ def explanation_figure(
         masks=masks,
         **grid_kwargs,
     )
+
+
+def comparison_figures(
+    models: Mapping[str, nn.Module],
+    datasets: Mapping[str, Any],
+    output_dir: str | Path,
+    max_images: int = 8,
+    id2label: Mapping[Any, str] | None = None,
+) -> list[Path]:
+    """Grad-CAMs of every model on the first images of the evaluation set.
+
+    One figure holds the models that see the images alike (the same data config: size, crop,
+    normalisation), so their heatmaps are drawn on the same pixels: ``comparison.png`` for the
+    first model's group, ``<name>/explanations.png`` for any other group.
+
+    Args:
+        models: display name -> model, in column order.
+        datasets: display name -> the dataset that model was evaluated on (items as
+            :func:`~cgc_hf.collate` takes them). The first rows are taken, not a sharded
+            loader's, so the figure does not depend on the number of processes.
+        output_dir: where the figures go.
+        max_images: images per figure.
+        id2label: class names.
+
+    Returns:
+        The paths written.
+    """
+    from .comparison import folder_name
+    from .data import collate
+
+    _require_matplotlib()
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, dict[str, nn.Module]] = {}
+    for name, model in models.items():
+        key = json.dumps(model.config.data_config, sort_keys=True, default=str)
+        groups.setdefault(key, {})[name] = model
+    out, paths = Path(output_dir), []
+    for i, group in enumerate(groups.values()):
+        first = next(iter(group))
+        dataset = datasets[first]
+        batch = collate([dataset[j] for j in range(min(max_images, len(dataset)))])
+        path = out / "comparison.png" if i == 0 else out / folder_name(first) / "explanations.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig = explanation_figure(
+            group, batch, group[first].config.data_config, path, max_images, id2label
+        )
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """The figure's pixels as an RGB array ``(H, W, 3)``, uint8 (drawn on its Agg canvas)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def log_figure(accelerator: Any, tag: str, fig: Figure, step: int) -> None:
+    """Send a figure to every tracker of ``accelerator`` that takes images (TensorBoard, W&B...).
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` whose trackers were started
+            (``init_trackers``); without trackers nothing happens.
+        tag: the image's name in the tracker, e.g. ``"eval/heatmaps"``.
+        fig: a matplotlib figure, e.g. from :func:`explanation_figure`.
+        step: the training step it belongs to.
+    """
+    trackers = [t for t in getattr(accelerator, "trackers", []) if hasattr(t, "log_images")]
+    if not trackers:
+        return
+    image = figure_to_array(fig)  # (H, W, 3)
+    for tracker in trackers:
+        if tracker.name == "tensorboard":  # SummaryWriter.add_images reads NCHW unless told
+            tracker.log_images({tag: image[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({tag: [image]}, step=step)

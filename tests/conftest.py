@@ -357,3 +357,15 @@ def run_script(script: str | Path, *argv: str, timeout: int = 240) -> subprocess
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def load_recipe(name: str) -> Any:
+    """Import ``recipes/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
+    import importlib.util
+
+    path = ROOT / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"cgc_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module

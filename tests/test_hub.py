@@ -563,8 +563,8 @@ def test_model_card_front_matter_and_sections(saved) -> None:
         "accuracy": 0.8125,
         "content_heatmap": 61.5,
     }
-    assert "| Top-1 accuracy | 0.8125 |" in text
-    assert "| Content Heatmap (x100) | 61.5 |" in text
+    assert "| Top-1 accuracy (%) | 0.8125 |" in text
+    assert "| Content Heatmap (%) | 61.5 |" in text
     assert "| label setting | 10 labels per class |" in text
     assert "| `cgc_lambda` | 0.5 |" in text and "| `temperature` | 0.5 |" in text
     assert 'CGCModel.from_pretrained("org/cgc")' in text

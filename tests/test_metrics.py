@@ -15,7 +15,6 @@ from cgc_hf.metrics import (
     consistency,
     content_heatmap,
     eval_mode,
-    evaluate_batch,
     gaussian_blur,
     heatmap_to_image_size,
     insertion_deletion,
@@ -285,38 +284,6 @@ def test_consistency_seeded_and_matches_per_sample_loop(tiny_model):
         aug = tiny_model.explain(warp(xi, ti), cls, size=24).flatten()
         ref = (pos @ aug) / (pos.norm() * aug.norm()).clamp_min(1e-12)
         assert a[i].item() == pytest.approx(ref.item(), abs=1e-5)
-
-
-# ------------------------------------------------------------------------------ eval batch
-def test_evaluate_batch_keys_and_values(tiny_model):
-    tiny_model.eval()
-    torch.manual_seed(5)
-    x = torch.randn(4, 3, 64, 64)
-    with torch.no_grad():
-        pred = tiny_model(x)["logits"].argmax(1)
-    labels = pred.clone()
-    labels[1] = (pred[1] + 1) % 3
-    labels[3] = -100
-    mask = torch.zeros(4, 64, 64)
-    mask[:, 16:48, 16:48] = 1
-    batch = {"pixel_values": x, "labels": labels, "mask": mask}
-    out = evaluate_batch(tiny_model, batch, generator=torch.Generator().manual_seed(0))
-    assert set(out) == {
-        "correct",
-        "consistency",
-        "content_heatmap",
-        "pointing_game",
-        "zero_heatmap",
-    }
-    assert all(v.shape == (4,) and v.dtype == torch.float32 for v in out.values())
-    assert out["correct"][:3].tolist() == [1.0, 0.0, 1.0] and math.isnan(out["correct"][3])
-    target = torch.where(labels >= 0, labels, pred)
-    torch.testing.assert_close(
-        out["content_heatmap"], content_heatmap(tiny_model.explain(x, target), mask)
-    )
-    out = evaluate_batch(tiny_model, {"pixel_values": x}, insertion_steps=2)
-    assert set(out) == {"consistency", "insertion", "deletion"}
-    assert bool(((out["insertion"] >= 0) & (out["insertion"] <= 1)).all())
 
 
 def test_eval_mode_context_restores_on_error(tiny_model):

@@ -94,7 +94,10 @@ class DataArguments:
     )
     eval_split: str | None = field(
         default=None,
-        metadata={"help": "Split to evaluate on (default: the dataset's, or a held-out slice)."},
+        metadata={
+            "help": "Split to evaluate on (default: the dataset's, or a held-out slice).",
+            "aliases": ("--split",),
+        },
     )
     synthetic_kwargs: dict[str, Any] | None = field(
         default=None,

@@ -6,8 +6,9 @@ Accelerate supplies devices, DDP, mixed precision, gradient accumulation, tracke
 checkpoint state. Data order and augmentation are pure functions of ``(seed, epoch, index)``
 (:mod:`cgc_hf.sampling`), so a resumed run sees the same batches with the same augmentations;
 the global RNG (restored with the checkpoint) is left to the model (CGC geometry, dropout), and
-evaluation draws from its own generator. Checkpoints, the run folder, the optimizer and the
-step guards each live in their own module of this package.
+evaluation (:func:`cgc_hf.evaluation.evaluate`) seeds its crops per image from the run's seed.
+Checkpoints, the run folder, the optimizer and the step guards each live in their own module of
+this package.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .._io import redact
 from ..config import CGCTrainingArguments
 from ..distributed import all_gather_rows
 from ..errors import CGCError, CGCValueError
+from ..evaluation import evaluate
+from ..metrics import eval_mode
 from ..modeling import CGCModel
 from .checkpoints import CheckpointManager, TrainerState
 from .guards import NonFiniteWindow, all_finite, out_of_memory_advice
@@ -307,55 +310,36 @@ class CGCTrainer:
     def evaluate(self) -> dict[str, float]:
         """Top-1 accuracy and explanation metrics on the eval dataset, over all processes.
 
-        Returns:
-            ``eval_accuracy`` and ``eval_pointing_game`` in percent, ``eval_consistency``
-            (mean cosine), ``eval_content_heatmap`` (x100), ``eval_zero_heatmaps`` (count),
-            ``eval_insertion`` / ``eval_deletion`` when enabled, ``eval_samples``.
-        """
-        from .. import metrics as metrics_lib
+        Runs :func:`cgc_hf.evaluation.evaluate` with the run's seed, so ``recipes/evaluate.py``
+        reports the same numbers for the saved model on the same data and seed.
 
+        Returns:
+            ``eval_<key>`` for each metric of :data:`cgc_hf.evaluation.METRICS` that applies
+            (accuracy and pointing game in percent, consistency as a cosine, Content Heatmap in
+            percent, all-zero heatmaps as a count, insertion / deletion AUCs when enabled) and
+            ``eval_samples``.
+        """
         if self.eval_loader is None:
             return {}
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        # Its own generator: metrics are comparable between evaluations, and training's RNG
-        # stream is the same whether or not (or how often) the run evaluates.
-        generator = torch.Generator(device=acc.device).manual_seed(self.args.seed)
-        gathered: dict[str, list[Tensor]] = {}
-        first = None
-        try:
-            for batch in self.eval_loader:
-                first = batch if first is None else first
-                with acc.autocast():
-                    per_sample = metrics_lib.evaluate_batch(
-                        model,
-                        batch,
-                        generator=generator,
-                        insertion_steps=self.args.eval_insertion_steps,
-                    )  # each (B,)
-                for key, value in per_sample.items():
-                    value = acc.gather_for_metrics(value.detach().float())  # (B * P,) no padding
-                    gathered.setdefault(key, []).append(value.cpu())
-            if first is not None and self.args.figure_images and acc.is_main_process:
-                self._write_figure(model, first)
-        finally:
-            model.train(was_training)
-        values = {k: torch.cat(v) for k, v in gathered.items()}  # each (N,)
-        out: dict[str, float] = {}
-        for key, v in values.items():
-            # NaN marks a row a metric does not apply to (e.g. accuracy of an unlabeled row).
-            if key == "correct":
-                out["eval_accuracy"] = 100.0 * v.nanmean().item()
-            elif key == "pointing_game":
-                out["eval_pointing_game"] = 100.0 * v.nanmean().item()
-            elif key == "zero_heatmap":
-                out["eval_zero_heatmaps"] = float(v.nansum().item())
-            else:
-                out[f"eval_{key}"] = v.nanmean().item()
-        out["eval_samples"] = float(next(iter(values.values())).numel()) if values else 0.0
-        return out
+        result = evaluate(
+            model,
+            self.eval_loader,
+            acc,
+            self.args.seed,
+            insertion_steps=self.args.eval_insertion_steps,
+        )
+        if self.args.figure_images and acc.is_main_process:
+            # The first images of the eval set, whatever the number of processes.
+            dataset = self.eval_loader.dataset
+            batch = self.collate(
+                [dataset[i] for i in range(min(self.args.figure_images, len(dataset)))]
+            )
+            batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            with eval_mode(model):
+                self._write_figure(model, batch)
+        return result.scalars()
 
     def _evaluate_and_record(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -373,7 +357,7 @@ class CGCTrainer:
     def _write_figure(self, model: CGCModel, batch: dict[str, Tensor]) -> None:
         """Heatmaps of the first eval images, as ``output_dir/figures/step_<N>.png``."""
         try:
-            from ..visualize import explanation_figure
+            from ..visualize import explanation_figure, log_figure
         except ImportError:  # matplotlib is an optional dependency
             logger.info("matplotlib is not installed: no heatmap figure is written.")
             return
@@ -385,6 +369,7 @@ class CGCTrainer:
         fig = explanation_figure(
             {name: model}, batch, model.config.data_config, path, max_images=self.args.figure_images
         )
+        log_figure(self.accelerator, "eval/heatmaps", fig, self.state.global_step)
         plt.close(fig)
         self.last_figure = path
 
