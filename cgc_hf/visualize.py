@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .config import IGNORE_INDEX
 from .errors import CGCValueError, close_matches
 from .metrics import heatmap_to_image_size, zero_heatmaps
-from .modeling import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
