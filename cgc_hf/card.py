@@ -171,7 +171,10 @@ def _eval_results(metrics: dict[str, float], dataset: str | None) -> list[EvalRe
             metric_name=_metric_name(key),
         )
         for key, value in metrics.items()
-        if isinstance(value, (int, float)) and math.isfinite(float(value))
+        # The number of images is context for the table, not a result to rank models by.
+        if isinstance(value, (int, float))
+        and math.isfinite(float(value))
+        and _metric_key(key) != SAMPLES
     ] or None
 
 

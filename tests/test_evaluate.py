@@ -333,3 +333,46 @@ def test_column_names_default_to_unique_folder_names():
     assert column_names(["a/m", "a/m"], None) == ["a/m", "a/m#2"]
     assert column_names(["a/m", "b/m"], ["CGC", "baseline"]) == ["CGC", "baseline"]
     assert folder_name("cgc-run/model") == "cgc-run_model"
+
+
+# ---------------------------------------------------------------------------------- auditing
+def test_audits_an_off_the_shelf_classifier(saved_models, tmp_path, capsys):
+    """A plain transformers classifier beside a CGC one: same images, same crops, paired."""
+    from conftest import tiny_hf_backbone
+
+    tiny_hf_backbone("resnet", num_labels=4).save_pretrained(tmp_path / "hf-resnet")
+    argv = _args(
+        [saved_models[0], tmp_path / "hf-resnet"], tmp_path / "out", "--figure_images", "0"
+    )
+    assert recipe.main(argv) == 0
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert list(comparison["models"]) == ["cgc", "hf-resnet"]
+    plain = _metrics(tmp_path / "out", "hf-resnet")
+    assert set(plain["metrics"]) == {
+        "accuracy", "consistency", "content_heatmap", "pointing_game", "zero_heatmaps"
+    }  # fmt: skip
+    assert all(len(v) == NUM_IMAGES for v in plain["per_image"].values())
+    assert comparison["differences"]["hf-resnet"]["consistency"]["n"] == NUM_IMAGES
+    assert "hf-resnet - cgc" in capsys.readouterr().out
+
+
+def test_other_classes_need_ignore_labels(saved_models, tmp_path, capsys):
+    torch.manual_seed(2)
+    other = CGCModel.from_backbone(
+        "resnet18", num_labels=3, pretrained=False, model_kwargs=TINY_RESNET
+    )
+    other.export_backbone(tmp_path / "timm-3")  # timm's own format, 3 classes
+    argv = _args([tmp_path / "timm-3"], tmp_path / "out", "--figure_images", "0")
+    code, err = _run_in_process(argv, capsys)
+    assert code == 2 and "num_labels=3" in err[0] and "--ignore_labels" in err[0]
+    assert recipe.main([*argv, "--ignore_labels"]) == 0
+    m = _metrics(tmp_path / "out", "timm-3")
+    # No accuracy against labels the model does not know; its own predictions are explained.
+    assert "accuracy" not in m["metrics"] and m["metrics"]["content_heatmap"]["n"] == NUM_IMAGES
+
+
+def test_model_folder_not_written_yet_is_not_a_hub_download(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no cgc-output here: finetune.py has not run yet
+    code, err = _run_in_process(["--model", "cgc-output/model"], capsys)
+    assert code == 2 and len(err) == 1
+    assert "'cgc-output/model': no such directory" in err[0] and "hf download" not in err[0]

@@ -335,6 +335,26 @@ def test_load_classifier_errors(tiny_model, tmp_path, monkeypatch):
         load_classifier("empty")
 
 
+# ---------------------------------------------------------------------------------- the card
+def test_card_names_metrics_from_the_table(tiny_model):
+    import yaml
+
+    from cgc_hf import model_card
+
+    metrics = {"eval_accuracy": 81.25, "eval_zero_heatmaps": 3.0, "eval_samples": 14.0}
+    text = model_card(tiny_model.config, dataset="d", metrics=metrics)
+    assert "| Top-1 accuracy (%) | 81.25 |" in text
+    assert "| All-zero heatmaps (images) | 3 |" in text  # a count, named as one
+    assert "| Evaluated images | 14 |" in text
+    meta = yaml.safe_load(text.split("---\n")[1])
+    results = meta["model-index"][0]["results"]
+    names = {m["type"]: m["name"] for r in results for m in r["metrics"]}
+    assert names == {
+        "accuracy": "Top-1 accuracy (%)",
+        "zero_heatmaps": "All-zero heatmaps (images)",
+    }
+
+
 # ---------------------------------------------------------------------------------- one path
 def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path):
     """metrics.json, recipes/evaluate.py and the model card: one evaluation, the same numbers.
@@ -387,3 +407,46 @@ def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path):
         value = s["count"] if "count" in s else s["mean"]
         assert final[f"eval_{key}"] == pytest.approx(value, rel=1e-6, abs=1e-6), key
         assert f"| {metric(key).title} | {final[f'eval_{key}']:.4g} |" in card, key
+
+
+def test_trainer_sends_heatmap_figures_to_tensorboard(tmp_path, fresh_accelerate):
+    """The figure written at each evaluation also reaches the trackers, as an image."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cgc_hf import CGCDataset, CGCTrainer, build_transform, collate, load_splits
+
+    synth = {"num_classes": 3, "train_size": 6, "eval_size": 3, "image_size": 32}
+    splits = load_splits("synthetic", seed=0, synthetic_kwargs=synth)
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone(
+        "resnet18", num_labels=3, pretrained=False, model_kwargs=TINY_RESNET, input_size=32
+    )
+    config = model.config.data_config
+    train_ds = CGCDataset(splits.train, build_transform(config, train=True), splits.spec)
+    eval_ds = CGCDataset(splits.eval, build_transform(config, train=False), splits.spec)
+    args = CGCTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_train_steps=1,
+        per_device_train_batch_size=3,
+        figure_images=2,
+        report_to="tensorboard",
+    )
+    CGCTrainer(model, args, train_ds, eval_ds, data_collator=collate).train()
+    png = tmp_path / "run" / "figures" / "step_1.png"
+    assert png.is_file()
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"images": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["images"])
+        for tag in acc.Tags()["images"]:
+            (image,) = acc.Images(tag)
+            with Image.open(png) as written:  # the same picture as the PNG on disk
+                assert (image.width, image.height) == written.size
+            assert image.step == 1
+    assert "eval/heatmaps" in tags
