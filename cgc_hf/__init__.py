@@ -1,9 +1,11 @@
 """cgc_hf: Contrastive Grad-CAM Consistency fine-tuning for timm and transformers classifiers."""
 
+from .arguments import HubArguments, ModelArguments
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .cam import combine, linear_head_cam
 from .card import model_card
 from .classifiers import load_classifier
+from .cli import ArgumentGroup, CGCArgumentParser
 from .comparison import (
     EvaluationArguments,
     column_names,
@@ -74,6 +76,8 @@ from .visualize import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentGroup",
+    "CGCArgumentParser",
     "CGCConfig",
     "CGCDataset",
     "CGCError",
@@ -94,9 +98,11 @@ __all__ = [
     "Evaluation",
     "EvaluationArguments",
     "Explanation",
+    "HubArguments",
     "METHOD_FIELDS",
     "METRICS",
     "Metric",
+    "ModelArguments",
     "Splits",
     "TargetLayer",
     "TargetLayerError",

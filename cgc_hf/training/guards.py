@@ -75,3 +75,26 @@ def out_of_memory_advice(args: Any) -> Iterator[None]:
             "the effective batch with gradient_accumulation_steps), lower --image_size, use "
             "mixed_precision='bf16', or a smaller model."
         ) from err
+
+
+def is_write_error(err: BaseException | None) -> bool:
+    """Whether ``err`` is how a failed file write (full disk, I/O error) shows up.
+
+    ``OSError`` from Python, ``RuntimeError`` from torch's writer (``basic_ios::clear: iostream
+    error``, ``PytorchStreamWriter failed writing file``), ``SafetensorError`` from safetensors.
+    """
+    if err is None:
+        return False
+    if isinstance(err, OSError):
+        return True
+    if type(err).__name__ == "SafetensorError":
+        return True
+    return isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("iostream", "PytorchStreamWriter", "No space", "write")
+    )
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -32,9 +32,10 @@ from ..evaluation import evaluate
 from ..metrics import eval_mode
 from ..modeling import CGCModel
 from .checkpoints import CheckpointManager, TrainerState
-from .guards import NonFiniteWindow, all_finite, out_of_memory_advice
+from .guards import NonFiniteWindow, all_finite, out_of_memory_advice, weights_finite
 from .loaders import UnlabeledStream, merge, seeded_loader, train_loader
 from .optim import build_optimizer, build_scheduler
+from .resume import check_resume
 from .run_folder import RunFolder, resolved_config, save_final_model, tracker_config
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,6 @@ class CGCTrainer:
         if acc.num_processes > 1:
             # Negatives from every process: the loss then matches one process on the full batch.
             model.set_negative_gather(all_gather_rows)
-        self.run_folder = RunFolder(self.output_dir, acc)
-        self.run_folder.prepare(args.overwrite_output_dir, args.resume_from_checkpoint)
-        self.checkpoints = CheckpointManager(self.output_dir, acc, args.checkpoints_total_limit)
 
         train, self.train_sampler = train_loader(train_dataset, self.collate, args)
         self.unlabeled = None
@@ -144,6 +142,12 @@ class CGCTrainer:
         )
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         self.state = TrainerState()
+        self.resume_changes: dict[str, list[Any]] = {}
+        self.checkpoints = CheckpointManager(self.output_dir, acc, args.checkpoints_total_limit)
+        # Last, once every argument is known to work: a bad one leaves no folder behind.
+        self.run_folder = RunFolder(self.output_dir, acc)
+        self.run_folder.prepare(args.overwrite_output_dir, args.resume_from_checkpoint)
+        self.run_folder.release()  # taken again for the whole of train()
 
     # ------------------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -153,6 +157,13 @@ class CGCTrainer:
             The final metrics: ``train_loss``, ``train_steps``, ``train_runtime`` and the
             ``eval_*`` metrics of the last evaluation.
         """
+        self.run_folder.lock()
+        try:
+            return self._train()
+        finally:
+            self.run_folder.release()
+
+    def _train(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         acc, args = self.accelerator, self.args
@@ -161,9 +172,8 @@ class CGCTrainer:
             set_seed(args.seed)
         acc.init_trackers("cgc_hf", config=tracker_config(self._resolved()))
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints.clean_partial()
-        self.run_folder.write_args(self._resolved())
+        self._write_args(resumed_from)
         state = self.state
         logger.info(
             "training %d optimizer steps (%d per epoch, %d processes)%s",
@@ -293,17 +303,22 @@ class CGCTrainer:
         )
         if state.nonfinite_in_row < args.max_nonfinite_steps:
             return
-        last = self.checkpoints.latest()
-        if last is None:
-            # The weights are still those of the last finite step: worth keeping.
-            last = self.save_checkpoint()
+        last = self.checkpoints.last_good()
+        if last is None and weights_finite(self.accelerator.unwrap_model(self.model)):
+            last = self.save_checkpoint()  # the weights of the last finite step: worth keeping
         self.accelerator.end_training()
+        where = (
+            f"The last good checkpoint is {last}. Check the data for NaN/inf pixels, lower "
+            "learning_rate, or use mixed_precision='no', then resume with "
+            f"--resume_from_checkpoint {last}."
+            if last is not None
+            else "No checkpoint holds finite weights. Check the data for NaN/inf pixels, lower "
+            "learning_rate, or use mixed_precision='no', and start again."
+        )
         raise CGCError(
             f"training stopped: the loss was not finite for {state.nonfinite_in_row} optimizer "
             f"steps in a row (last at step {state.global_step}; max_nonfinite_steps="
-            f"{args.max_nonfinite_steps}). The last good checkpoint is {last}. Check the data for "
-            "NaN/inf pixels, lower learning_rate, or use mixed_precision='no', then resume with "
-            f"--resume_from_checkpoint {last}."
+            f"{args.max_nonfinite_steps}). {where}"
         )
 
     # ------------------------------------------------------------------------------ evaluation
@@ -376,14 +391,36 @@ class CGCTrainer:
     # ------------------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
         """Save the full training state to ``output_dir/checkpoints/step_<N>``, atomically."""
-        return self.checkpoints.save(self.state)
+        model = self.accelerator.unwrap_model(self.model)
+        return self.checkpoints.save(self.state, model, self._resolved())
 
     def _resume(self) -> Path | None:
+        """Verify, compare and load the checkpoint ``resume_from_checkpoint`` names."""
         target = self.args.resume_from_checkpoint
         path = self.checkpoints.find(target) if target else None
         if path is not None:
+            saved = self.checkpoints.run_config(path)
+            self.resume_changes = check_resume(
+                saved, self._resolved(), path, self.args.allow_config_change
+            )
             self.state = self.checkpoints.load(path)
         return path
+
+    def _write_args(self, resumed_from: Path | None) -> None:
+        """``args.json``: this run's configuration; a resume keeps the original and adds itself."""
+        record = self._resolved()
+        previous = self.run_folder.read_args() if resumed_from is not None else None
+        if previous is not None:
+            resumes = previous.pop("resumes", [])
+            resumes.append(
+                {
+                    "step": self.state.global_step,
+                    "from": str(resumed_from),
+                    "changed": self.resume_changes,
+                }
+            )
+            record = {**previous, "resumes": resumes}
+        self.run_folder.write_args(record)
 
     def _finish(self, train_loss: float, runtime: float) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
