@@ -43,39 +43,39 @@ class DataArguments:
         metadata={"help": "For a named dataset: a local save_to_disk copy to read instead."},
     )
     image_column_name: str | None = field(
-        default=None, metadata={"help": "Image column (default: the dataset's, or found)."}
+        default=None, metadata={"help": "Image column; unset: the dataset's, or the one found."}
     )
     label_column_name: str | None = field(
-        default=None, metadata={"help": "Label column (default: the dataset's, or found)."}
+        default=None, metadata={"help": "Label column; unset: the dataset's, or the one found."}
     )
     mask_column_name: str | None = field(
         default=None,
         metadata={
-            "help": "Column of object masks, for Content Heatmap and the pointing game "
-            "(default: the dataset's, or an image column named like a mask)."
+            "help": "Column of object masks, for Content Heatmap and the pointing game; unset: "
+            "the dataset's, or an image column named like a mask."
         },
     )
     box_column_name: str | None = field(
         default=None,
         metadata={
-            "help": "Column of object boxes (default: the dataset's, or a column of 4 numbers "
-            "or named fields named like a box)."
+            "help": "Column of object boxes; unset: the dataset's, or a column of 4 numbers or "
+            "named fields named like a box."
         },
     )
     box_format: str | None = field(
         default=None,
         metadata={
             "help": "Box numbers: xyxy or xywh in pixels, xyxy_norm or xywh_norm as fractions "
-            "of the image size, yxyx_norm (TFDS); structs of named fields are read by name "
-            "(default: the dataset's, else xyxy).",
+            "of the image size, yxyx_norm (TFDS); structs of named fields are read by name; "
+            "unset: the dataset's, else xyxy.",
             "choices": BOX_FORMATS,
         },
     )
     mask_foreground_values: tuple[int, ...] | None = field(
         default=None,
         metadata={
-            "help": "Mask values that are the object, e.g. 1 3 for a trimap (default: binary "
-            "masks nonzero, soft 0-255 masks above 127, label-index masks nonzero)."
+            "help": "Mask values that are the object, e.g. 1 3 for a trimap; unset: binary and "
+            "label-index masks where nonzero, soft 0-255 masks above 127 (logged)."
         },
     )
     mask_threshold: float | None = field(
@@ -95,7 +95,7 @@ class DataArguments:
     eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "Split to evaluate on (default: the dataset's, or a held-out slice).",
+            "help": "Split to evaluate on; unset: the dataset's, or a held-out slice.",
             "aliases": ("--split",),
         },
     )
