@@ -105,11 +105,54 @@ def sample_crop_flip(
     return CropFlip(boxes, flip)
 
 
+def _axis_weights(lo: Tensor, hi: Tensor, flip: Tensor, n_in: int, n_out: int) -> Tensor:
+    """Bilinear weights of one axis of the crop ``[lo, hi]``, as ``grid_sample`` applies them.
+
+    Output sample ``j`` sits at normalised ``o = (2 j + 1) / n_out - 1``, reads the source at
+    ``p = ((g + 1) n_in - 1) / 2`` with ``g = (hi - lo) o + lo + hi - 1`` (``-(hi - lo) o`` when
+    mirrored), clamped to ``[0, n_in - 1]`` (border padding, ``align_corners=False``), and mixes
+    the two nearest source samples. The identity box ``[0, 1]`` gives ``F.interpolate``'s
+    bilinear resize (``align_corners=False``).
+
+    Shape:
+        lo, hi, flip ``(B,)`` -> ``(B, n_out, n_in)``
+    """
+    o = (2 * torch.arange(n_out, device=lo.device, dtype=lo.dtype) + 1) / n_out - 1  # (n_out,)
+    sign = 1.0 - 2.0 * flip.to(lo.dtype)  # (B,)
+    g = ((hi - lo) * sign)[:, None] * o + (lo + hi - 1)[:, None]  # (B, n_out)
+    p = (((g + 1) * n_in - 1) / 2).clamp(0, n_in - 1)  # (B, n_out) source coordinate
+    i0 = p.floor()
+    w1 = p - i0  # (B, n_out) weight of the upper neighbour
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp(max=n_in - 1)  # its weight is 0 wherever the clamp changes it
+    cols = torch.arange(n_in, device=lo.device)  # (n_in,)
+    return (1 - w1)[..., None] * (i0[..., None] == cols) + w1[..., None] * (i1[..., None] == cols)
+
+
+def _warp_separable(x: Tensor, t: CropFlip, size: tuple[int, int]) -> Tensor:
+    """``grid_sample``'s crop-and-flip as two matrix products (a crop box is separable).
+
+    Shape:
+        ``(B, C, H, W)`` -> ``(B, C, H', W')``
+    """
+    boxes = t.boxes.to(device=x.device, dtype=x.dtype)
+    x0, y0, x1, y1 = boxes.unbind(1)  # each (B,)
+    no_flip = torch.zeros_like(x0, dtype=torch.bool)
+    rows = _axis_weights(y0, y1, no_flip, x.shape[-2], size[0])  # (B, H', H)
+    cols = _axis_weights(x0, x1, t.flip.to(x.device), x.shape[-1], size[1])  # (B, W', W)
+    return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)  # (B, C, H', W')
+
+
 def warp(x: Tensor, t: CropFlip, size: tuple[int, int] | int | None = None) -> Tensor:
     """Apply crop-and-flip ``t`` to images or heatmaps, resizing each crop to ``size``.
 
     The same ``t`` gives geometrically identical results at any input resolution, so an image
-    and its heatmap (at layer resolution) are warped consistently.
+    and its heatmap (at layer resolution) are warped consistently. Bilinear, border padding.
+
+    A tensor that requires a gradient (a heatmap in training) is warped by two matrix products
+    with the same bilinear weights: on CUDA the backward of ``grid_sample`` adds with atomics, so
+    its gradient changes from run to run, while a matrix product's does not. Other tensors (the
+    images) go through ``grid_sample``, which costs less at image size; both agree to rounding.
 
     Args:
         x: images ``(B, C, H, W)`` or heatmaps ``(B, H, W)``.
@@ -126,10 +169,30 @@ def warp(x: Tensor, t: CropFlip, size: tuple[int, int] | int | None = None) -> T
         size = tuple(x.shape[-2:])
     elif isinstance(size, int):
         size = (size, size)
-    theta = t.theta().to(device=x.device, dtype=x.dtype if x.is_floating_point() else torch.float32)
-    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)  # (B,H',W',2)
-    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if x.requires_grad and x.is_floating_point():
+        out = _warp_separable(x, t, tuple(size))
+    else:
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        theta = t.theta().to(device=x.device, dtype=dtype)
+        grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=False)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(1) if squeeze else out
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize (``align_corners=False``) of heatmaps ``(B, H, W)`` -> ``(B, *size)``.
+
+    ``F.interpolate``, except for a tensor that requires a gradient, which is resized by the
+    deterministic matrix products of :func:`warp` with the whole image as the box (its backward
+    on CUDA adds with atomics too).
+    """
+    if not x.requires_grad:
+        return F.interpolate(x[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+    b = x.shape[0]
+    whole = CropFlip(
+        x.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(b, 4), torch.zeros(b, dtype=torch.bool)
+    )
+    return warp(x, whole, size)
 
 
 def align_heatmaps(
@@ -151,5 +214,5 @@ def align_heatmaps(
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
     pos = warp(heatmaps, t.to(heatmaps.device), size)  # (B, H, W) T(heatmap(x))
-    aug = F.interpolate(heatmaps_aug[:, None], size, mode="bilinear", align_corners=False)[:, 0]
+    aug = resize(heatmaps_aug, size)  # (B, H, W)
     return pos, aug  # (B, H, W) each

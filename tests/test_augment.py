@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from cgc_hf.augment import CropFlip, sample_crop_flip, warp
+from cgc_hf.augment import CropFlip, resize, sample_crop_flip, warp
 
 
 def _ramp(b: int, h: int, w: int) -> torch.Tensor:
@@ -94,3 +94,39 @@ def test_heatmaps_keep_their_rank():
     assert warp(hm, t, 9).shape == (2, 9, 9)
     assert warp(hm, t).shape == (2, 5, 5)
     assert math.isfinite(float(warp(hm, t).sum()))
+
+
+def _grid_sample_reference(x: torch.Tensor, t: CropFlip, size: tuple[int, int]) -> torch.Tensor:
+    grid = torch.nn.functional.affine_grid(t.theta(), [x.shape[0], 1, *size], align_corners=False)
+    return torch.nn.functional.grid_sample(
+        x[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[:, 0]
+
+
+@pytest.mark.parametrize(
+    ("grid", "size"), [((1, 1), (8, 8)), ((2, 2), (56, 56)), ((7, 7), (56, 56)), ((14, 10), (9, 7))]
+)
+def test_heatmap_warp_and_resize_with_gradient_equal_grid_sample_and_interpolate(grid, size):
+    # A heatmap that requires a gradient is warped by matrix products (deterministic backward on
+    # every device); values and gradients must be those of grid_sample / interpolate.
+    g = torch.Generator().manual_seed(5)
+    t = sample_crop_flip(32, scale=(0.08, 1.0), generator=g)
+    t = CropFlip(t.boxes.double(), t.flip)
+    x = torch.rand(32, *grid, dtype=torch.float64, generator=g)
+    up = torch.rand(32, *size, dtype=torch.float64, generator=g)  # gradient arriving from above
+    cases = [
+        (lambda v: warp(v, t, size), lambda v: _grid_sample_reference(v, t, size)),
+        (
+            lambda v: resize(v, size),
+            lambda v: torch.nn.functional.interpolate(
+                v[:, None], size, mode="bilinear", align_corners=False
+            )[:, 0],
+        ),
+    ]
+    for ours, reference in cases:
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out, ref = ours(a), reference(b)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        (out * up).sum().backward()
+        (ref * up).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

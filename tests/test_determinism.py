@@ -89,6 +89,45 @@ def test_repeated_cgc_step_gives_bit_identical_gradients(path, two_threads):
         assert not differ, f"{len(differ)} of {len(first)} gradients differ: {differ[:5]}"
 
 
+# Backward kernels that add with atomics on CUDA (PyTorch's reproducibility notes): the CGC term
+# must not reach them, so its gradient is deterministic on a GPU too.
+ATOMIC_ON_CUDA = ("GridSampler2DBackward", "UpsampleBilinear2DBackward", "IndexBackward")
+
+
+def backward_ops(t: torch.Tensor, stop: set) -> set[str]:
+    """Names of the autograd nodes behind ``t``, not descending below the nodes in ``stop``."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen or fn in stop:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_cgc_term_uses_no_backward_that_adds_with_atomics_on_cuda(path):
+    model, size = PATHS[path]()
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, size, size, generator=g)
+    seen = {}
+    original = model._heatmaps
+
+    def heatmaps(activations, *args, **kwargs):
+        seen["activations"] = activations
+        return original(activations, *args, **kwargs)
+
+    model._heatmaps = heatmaps
+    out = model(x, labels=torch.tensor([0, 1, 2, 0]), geometry=sample_crop_flip(4, generator=g))
+    # Stop at the backbone's output: what lies below is the backbone's own backward.
+    stop = {seen["activations"].grad_fn}
+    ops = backward_ops(out["loss_cgc"], stop)
+    assert not [op for op in ops if op.startswith(ATOMIC_ON_CUDA)], sorted(ops)
+
+
 # ------------------------------------------------------------------ kill -9, resume, same run
 # EfficientNet-Lite0 at 64 px (a 2x2 grid) with two threads: the closed-form head over 1280
 # channels, batches of 8 labeled + 8 unlabeled images; 24 labeled images: 3 steps per epoch.
