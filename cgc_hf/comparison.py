@@ -40,7 +40,7 @@ class EvaluationArguments:
     )
     names: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Column names, one per model (default: the folder names, unique)."},
+        metadata={"help": "Column names, one per model (the folder names, made unique)."},
     )
     ignore_labels: bool = field(
         default=False,
