@@ -315,6 +315,20 @@ def test_load_classifier_takes_any_classifier(tiny_model, tmp_path):
     assert model.explain(x64).shape[0] == 2  # a plain classifier gets heatmaps too
 
 
+def test_load_classifier_takes_a_timm_name_with_its_pretrained_weights(monkeypatch):
+    real, calls = CGCModel.from_backbone, []
+
+    def offline(name, pretrained=True, **kwargs):  # no Hub here: record the call, random weights
+        calls.append((name, pretrained))
+        torch.manual_seed(0)
+        return real(name, pretrained=False, model_kwargs=TINY_RESNET, **kwargs)
+
+    monkeypatch.setattr(CGCModel, "from_backbone", staticmethod(offline))
+    model = load_classifier("resnet18")
+    assert calls == [("resnet18", True)] and not model.training
+    assert model.config.library == "timm" and model.num_labels == 1000  # ImageNet's head
+
+
 def test_load_classifier_errors(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
