@@ -76,6 +76,16 @@ def test_a_flat_folder_of_images_is_an_unlabeled_pool(splits, tmp_path):
     assert data.unlabeled[0]["pixel_values"].shape == (3, 24, 24)
 
 
+def test_the_labeled_dataset_as_its_own_unlabeled_pool_keeps_the_eval_slice_out(tmp_path):
+    folder = tmp_path / "only_train"
+    rows = {"image": [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(40)],
+            "label": [i % 2 for i in range(40)]}  # fmt: skip
+    datasets.Dataset.from_dict(rows).save_to_disk(str(folder))
+    splits = load_splits(str(folder), seed=1)  # no eval split: a held-out slice
+    data = build_datasets(splits, CONFIG, unlabeled=str(folder), seed=1)
+    assert len(data.unlabeled) == len(splits.train) == 40 - len(splits.eval)
+
+
 def _with_broken_rows(n: int = 12, broken: tuple[int, ...] = (2, 3, 7)):
     images = [{"bytes": _png(Image.new("RGB", (16, 16), (i * 20, 0, 0))), "path": None}
               for i in range(n)]  # fmt: skip

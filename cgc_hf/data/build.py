@@ -128,7 +128,11 @@ def build_datasets(
     )
     evald = CGCDataset(splits.eval, eval_tf, spec, on_bad_image=on_bad_image)
     pool = None
-    if source is not None:
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source) == spec.name:
+        # The labeled dataset itself: its training rows only, so that a held-out eval slice
+        # never reaches training, not even without its labels.
+        pool = CGCDataset(splits.train, train_tf, spec, unlabeled=True, on_bad_image=on_bad_image)
+    elif source is not None:
         rows, other = load_unlabeled(source, image_column=image_column, seed=seed)
         pool = CGCDataset(rows, train_tf, other, unlabeled=True, on_bad_image=on_bad_image)
     elif unlabeled_idx:
