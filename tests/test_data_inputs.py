@@ -64,6 +64,10 @@ def test_pixel_arrays_become_images():
     assert array_to_image(np.ones((4, 4), bool)).getpixel((0, 0)) == 255
     with pytest.raises(ValueError, match="shape"):
         array_to_image(np.zeros((2, 8, 8, 3)))
+    # An Array3D column is found as the image column, whatever its name.
+    feats = datasets.Features({"pixels": feature, "label": datasets.Value("int64")})
+    ds = datasets.Dataset.from_dict({"pixels": [rgb, rgb], "label": [0, 1]}, feats)
+    assert load_splits(ds, eval_split=None, eval_fraction=0.5).spec.image_column == "pixels"
 
 
 @pytest.mark.parametrize("where", ["tiff", "array"])

@@ -1,11 +1,12 @@
 """Columns: which one holds the image, the label and the object (a mask or a box).
 
 For a dataset outside the registry the columns are found from the features: the image is an
-``Image`` column, the label a ``ClassLabel`` (or a column named ``label`` / ``labels``), a mask an
-``Image`` column whose name says mask or segmentation, a box a column of 4 numbers (or of named
-fields) whose name says box. What is found is logged; where two columns could be the mask (or
-the box) none is taken, and the log says which flag names one. Named columns are checked like the
-image and label: a missing one lists the columns there are, with close matches.
+``Image`` column (an ``Array2D`` / ``Array3D`` one where there is none), the label a
+``ClassLabel`` (or a column named ``label`` / ``labels``), a mask an ``Image`` column whose name
+says mask or segmentation, a box a column of 4 numbers (or of named fields) whose name says box.
+What is found is logged; where two columns could be the mask (or the box) none is taken, and the
+log says which flag names one. Named columns are checked like the image and label: a missing one
+lists the columns there are, with close matches.
 
 Example:
     >>> spec = find_columns("my-data", None, dataset_dict)
@@ -46,6 +47,9 @@ def find_columns(name: str, hub_id: str | None, dd: Any) -> DatasetSpec:
     first = next(iter(dd.values()))
     feats = first.features
     images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
+    if not images:  # pixel arrays stored as Array2D / Array3D columns
+        arrays = (datasets.Array2D, datasets.Array3D)
+        images = [c for c, f in feats.items() if isinstance(f, arrays)]
     mask_like = [c for c in images if _says(c, MASK_WORDS)]
     inputs = [c for c in images if c not in mask_like] or images
     image = "image" if "image" in inputs else (inputs[0] if inputs else "image")
