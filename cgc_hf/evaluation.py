@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .augment import CropFlip, sample_crop_flip
-from .config import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE, IGNORE_INDEX
+from .config import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE, IGNORE_INDEX, CGCTrainingArguments
 from .errors import CGCValueError
 from .metrics import (
     consistency,
@@ -143,7 +143,8 @@ def consistency_transforms(
         seed: the evaluation seed.
         indices: positions of the images in the evaluation set.
         aspect: width / height of the images.
-        scale: area range of the random resized crop (the paper's, as in training).
+        scale: area range of the random resized crop. The default is the paper's, for every
+            model whatever crop it trained with, so that models are compared on the same views.
         ratio: aspect-ratio range of the crop.
         flip_prob: probability of a horizontal flip.
 
@@ -254,6 +255,7 @@ class Evaluation:
 
     @property
     def num_images(self) -> int:
+        """Images evaluated, N."""
         return next(iter(self.per_image.values())).numel() if self.per_image else 0
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -287,7 +289,7 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
     accelerator: Accelerator | None = None,
-    seed: int = 0,
+    seed: int = CGCTrainingArguments.seed,
     *,
     insertion_steps: int = 0,
     consistency_size: int = 56,
@@ -305,8 +307,10 @@ def evaluate(
         loader: batches as :func:`evaluate_batch` takes them, in a fixed order (no shuffling);
             under several processes, a loader from ``accelerator.prepare``, so that each process
             gets its share and ``gather_for_metrics`` drops the rows it pads the last batch with.
+            Without an accelerator, batches are moved to the model's device.
         accelerator: the run's ``Accelerator``; None for one process without accelerate.
-        seed: seed of the consistency transforms (see the module docstring).
+        seed: seed of the consistency transforms (see the module docstring); the training
+            default, so that a run's ``metrics.json`` repeats.
         insertion_steps: chunks of the insertion / deletion curves; 0 skips them.
         consistency_size: side of the grid on which consistency compares heatmaps.
         use_labels: False ignores the labels (see :func:`evaluate_batch`).
@@ -319,8 +323,11 @@ def evaluate(
         model = accelerator.unwrap_model(model)
     gathered: dict[str, list[Tensor]] = {}
     seen = 0  # images of the evaluation set before this step, over all processes
+    device = next(model.parameters()).device
     with eval_mode(model):
         for batch in loader:
+            if accelerator is None:  # a prepared loader puts batches on the device itself
+                batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             x = batch["pixel_values"]  # (B, 3, H, W)
             start, seen = _positions(accelerator, x.shape[0], seen)
             transforms = consistency_transforms(
