@@ -282,8 +282,13 @@ class CGCTrainingArguments:
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping norm; None or 0 disables clipping."}
     )
-    mixed_precision: str = field(
-        default="no", metadata={"help": "'no', 'bf16' or 'fp16' (fp16 needs a GPU)."}
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "'no', 'bf16' or 'fp16' (fp16 needs a GPU); default: what Accelerate is "
+            "configured with (accelerate config, accelerate launch --mixed_precision, "
+            "ACCELERATE_MIXED_PRECISION), else 'no'."
+        },
     )
     seed: int = field(default=42, metadata={"help": "Seed of weights-independent randomness."})
     checkpointing_steps: str | int | None = field(
@@ -395,7 +400,7 @@ class CGCTrainingArguments:
             SCHEDULERS,
         )
         _check(
-            self.mixed_precision in PRECISIONS,
+            self.mixed_precision is None or self.mixed_precision in PRECISIONS,
             "mixed_precision",
             self.mixed_precision,
             PRECISIONS,

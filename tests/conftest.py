@@ -369,3 +369,18 @@ def load_recipe(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+class NoiseImages(torch.utils.data.Dataset):
+    """``n`` seeded random images at ``TRAIN_SIZE`` px with labels ``i % 3``."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, TRAIN_SIZE, TRAIN_SIZE, generator=g)
+        self.y = torch.arange(n) % NUM_LABELS
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}

@@ -9,13 +9,15 @@ moved are put back. Every process decides alike (the verdict is summed over proc
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import CGCMemoryError
+from ..errors import CGCError, CGCMemoryError, CGCValueError, CheckpointError
 
 
 class NonFiniteWindow:
@@ -77,24 +79,75 @@ def out_of_memory_advice(args: Any) -> Iterator[None]:
         ) from err
 
 
-def is_write_error(err: BaseException | None) -> bool:
+def is_write_error(err: BaseException | None, writes_into: Any = None) -> bool:
     """Whether ``err`` is how a failed file write (full disk, I/O error) shows up.
 
-    ``OSError`` from Python, ``RuntimeError`` from torch's writer (``basic_ios::clear: iostream
-    error``, ``PytorchStreamWriter failed writing file``), ``SafetensorError`` from safetensors.
+    ``OSError`` from Python; from torch's writer a ``RuntimeError`` (``basic_ios::clear:
+    iostream error``, or ``[enforce fail at inline_container.cc] unexpected pos`` raised while
+    it closes the half-written file); ``SafetensorError`` from safetensors. The chain of causes
+    is followed, since libraries re-raise. An ``OSError`` counts when its errno says the disk
+    is full, over quota or read-only, or when it names a file under ``writes_into`` (None: any
+    ``OSError``).
     """
-    if err is None:
-        return False
-    if isinstance(err, OSError):
-        return True
-    if type(err).__name__ == "SafetensorError":
-        return True
-    return isinstance(err, RuntimeError) and any(
-        s in str(err) for s in ("iostream", "PytorchStreamWriter", "No space", "write")
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            if err.errno in _DISK_ERRNOS or writes_into is None:
+                return True
+            if err.filename is not None:
+                return Path(err.filename).resolve().is_relative_to(Path(writes_into).resolve())
+        if type(err).__name__ == "SafetensorError":
+            return True
+        if isinstance(err, RuntimeError) and any(s in str(err) for s in _WRITE_FAILURES):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+_WRITE_FAILURES = ("iostream", "PytorchStreamWriter", "inline_container", "No space", "write")
+
+
+def write_failure(output_dir: Any, err: BaseException, intact: Any) -> CheckpointError:
+    """The one-line error of a failed write into the run folder, naming what is intact."""
+    advice = (
+        f"checkpoint {intact} is intact: free disk space, then rerun with "
+        "--resume_from_checkpoint latest"
+        if intact is not None
+        else "no checkpoint was saved (set checkpointing_steps to keep one): free disk space "
+        "and run again"
     )
+    return CheckpointError(f"could not write to {output_dir} ({first_line(err)}); {advice}.")
 
 
 def first_line(err: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def nonfinite_stop(in_row: int, step: int, args: Any, last_good: Any) -> CGCError:
+    """The error that stops a run after ``max_nonfinite_steps`` non-finite steps in a row."""
+    where = (
+        f"The last good checkpoint is {last_good}. Check the data for NaN/inf pixels, lower "
+        "learning_rate, or use mixed_precision='no', then resume with "
+        f"--resume_from_checkpoint {last_good}."
+        if last_good is not None
+        else "No checkpoint holds finite weights. Check the data for NaN/inf pixels, lower "
+        "learning_rate, or use mixed_precision='no', and start again."
+    )
+    return CGCError(
+        f"training stopped: the loss was not finite for {in_row} optimizer steps in a row (last "
+        f"at step {step}; max_nonfinite_steps={args.max_nonfinite_steps}). {where}"
+    )
+
+
+def check_negatives(model: Any, args: Any, has_unlabeled: bool, num_processes: int) -> None:
+    """Refuse a CGC run whose steps hold a single image: InfoNCE needs other images."""
+    rows = args.per_device_train_batch_size + (args.unlabeled_batch_size if has_unlabeled else 0)
+    if model.config.cgc_lambda > 0 and rows * num_processes < 2:
+        raise CGCValueError(
+            f"per_device_train_batch_size={args.per_device_train_batch_size} gives 1 image "
+            "per step, and the CGC loss needs other images as negatives; use a batch size "
+            ">= 2, add unlabeled data, or set cgc_lambda=0 for plain fine-tuning."
+        )

@@ -8,6 +8,7 @@ exactly where it stopped.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +43,12 @@ def seeded_loader(
         # Own generator: creating an iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(args.seed),
     )
+
+
+def steps_per_epoch(train_size: int, args: Any, num_processes: int) -> int:
+    """Optimizer steps in one pass over the labeled data (the last batch may be short)."""
+    batches = math.ceil(train_size / (args.per_device_train_batch_size * num_processes))
+    return math.ceil(batches / args.gradient_accumulation_steps)
 
 
 def train_loader(dataset: Dataset, collate: Collate, args: Any) -> tuple[DataLoader, EpochSampler]:

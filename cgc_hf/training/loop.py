@@ -20,21 +20,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from .._io import redact
 from ..config import CGCTrainingArguments
 from ..distributed import all_gather_rows
-from ..errors import CGCError, CGCValueError
+from ..errors import CGCValueError, CheckpointError
 from ..evaluation import evaluate
-from ..metrics import eval_mode
 from ..modeling import CGCModel
+from .accelerator import make_accelerator
 from .checkpoints import CheckpointManager, TrainerState
-from .guards import NonFiniteWindow, all_finite, out_of_memory_advice, weights_finite
-from .loaders import UnlabeledStream, merge, seeded_loader, train_loader
+from .figures import write_figure
+from .guards import (
+    NonFiniteWindow,
+    all_finite,
+    check_negatives,
+    is_write_error,
+    nonfinite_stop,
+    out_of_memory_advice,
+    weights_finite,
+    write_failure,
+)
+from .loaders import UnlabeledStream, merge, seeded_loader, steps_per_epoch, train_loader
 from .optim import build_optimizer, build_scheduler
+from .progress import RunningLoss, format_metrics
 from .resume import check_resume
 from .run_folder import RunFolder, resolved_config, save_final_model, tracker_config
 
@@ -81,9 +91,6 @@ class CGCTrainer:
         data_collator: Callable[[list[Any]], dict[str, Tensor]] | None = None,
         run_info: dict[str, Any] | None = None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         self.args = args
         self.output_dir = Path(args.output_dir)
         self.collate = data_collator or default_collate
@@ -92,31 +99,17 @@ class CGCTrainer:
             raise CGCValueError("train_dataset is empty; it needs at least one labeled image.")
         if unlabeled_dataset is not None and len(unlabeled_dataset) == 0:
             unlabeled_dataset = None
-        self.accelerator = acc = Accelerator(
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            log_with=args.trackers,
-            project_config=ProjectConfiguration(
-                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
-            ),
-            rng_types=[],  # data order is seeded per epoch by EpochSampler, not by global RNG
-            # Without a GPU, Accelerate only forms a multi-process (gloo) group when told it
-            # runs on CPU; saying so makes a plain `torchrun` on a CPU machine work too.
-            cpu=not _has_accelerator(),
-        )
-        rows = args.per_device_train_batch_size + (
-            args.unlabeled_batch_size if unlabeled_dataset is not None else 0
-        )
-        if model.config.cgc_lambda > 0 and rows * acc.num_processes < 2:
-            raise CGCValueError(
-                f"per_device_train_batch_size={args.per_device_train_batch_size} gives 1 image "
-                "per step, and the CGC loss needs other images as negatives; use a batch size "
-                ">= 2, add unlabeled data, or set cgc_lambda=0 for plain fine-tuning."
-            )
+        self.accelerator = acc = make_accelerator(args, self.output_dir)
+        check_negatives(model, args, unlabeled_dataset is not None, acc.num_processes)
         if acc.num_processes > 1:
             # Negatives from every process: the loss then matches one process on the full batch.
             model.set_negative_gather(all_gather_rows)
 
+        self.images = {
+            "labeled": len(train_dataset),
+            "unlabeled": len(unlabeled_dataset) if unlabeled_dataset is not None else 0,
+            "eval": len(eval_dataset) if eval_dataset is not None else 0,
+        }
         train, self.train_sampler = train_loader(train_dataset, self.collate, args)
         self.unlabeled = None
         if unlabeled_dataset is not None:
@@ -130,10 +123,7 @@ class CGCTrainer:
             )
 
         optimizer = build_optimizer(model, args)
-        per_process = math.ceil(
-            len(train_dataset) / (args.per_device_train_batch_size * acc.num_processes)
-        )
-        self.steps_per_epoch = math.ceil(per_process / args.gradient_accumulation_steps)
+        self.steps_per_epoch = steps_per_epoch(len(train_dataset), args, acc.num_processes)
         self.max_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
         scheduler = build_scheduler(optimizer, args, self.max_steps, acc.num_processes)
@@ -160,6 +150,12 @@ class CGCTrainer:
         self.run_folder.lock()
         try:
             return self._train()
+        except CheckpointError:
+            raise
+        except Exception as err:  # a full disk shows up wherever the run writes next
+            if not is_write_error(err, writes_into=self.output_dir):
+                raise
+            raise write_failure(self.output_dir, err, self.checkpoints.latest()) from err
         finally:
             self.run_folder.release()
 
@@ -173,7 +169,9 @@ class CGCTrainer:
         acc.init_trackers("cgc_hf", config=tracker_config(self._resolved()))
         if acc.is_main_process:
             self.checkpoints.clean_partial()
-        self._write_args(resumed_from)
+        self.run_folder.record_args(
+            self._resolved(), resumed_from, self.state.global_step, self.resume_changes
+        )
         state = self.state
         logger.info(
             "training %d optimizer steps (%d per epoch, %d processes)%s",
@@ -192,7 +190,7 @@ class CGCTrainer:
         unlabeled = self.unlabeled.batches(state) if self.unlabeled is not None else None
         model = acc.unwrap_model(self.model)
         window = None
-        self._running = _Running()
+        self._running = RunningLoss()
         t_start = time.perf_counter()
         self.model.train()
         while state.global_step < self.max_steps:
@@ -273,7 +271,7 @@ class CGCTrainer:
                 cgc=f"{logs['train/loss_cgc']:.3f}",
                 img_s=f"{logs['train/images_per_second']:.1f}",
             )
-            self._running = _Running()
+            self._running = RunningLoss()
         if args.eval_steps and state.global_step % args.eval_steps == 0:
             self._evaluate_and_record()
         if (
@@ -307,32 +305,14 @@ class CGCTrainer:
         if last is None and weights_finite(self.accelerator.unwrap_model(self.model)):
             last = self.save_checkpoint()  # the weights of the last finite step: worth keeping
         self.accelerator.end_training()
-        where = (
-            f"The last good checkpoint is {last}. Check the data for NaN/inf pixels, lower "
-            "learning_rate, or use mixed_precision='no', then resume with "
-            f"--resume_from_checkpoint {last}."
-            if last is not None
-            else "No checkpoint holds finite weights. Check the data for NaN/inf pixels, lower "
-            "learning_rate, or use mixed_precision='no', and start again."
-        )
-        raise CGCError(
-            f"training stopped: the loss was not finite for {state.nonfinite_in_row} optimizer "
-            f"steps in a row (last at step {state.global_step}; max_nonfinite_steps="
-            f"{args.max_nonfinite_steps}). {where}"
-        )
+        raise nonfinite_stop(state.nonfinite_in_row, state.global_step, args, last)
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        """Top-1 accuracy and explanation metrics on the eval dataset, over all processes.
+        """``eval_<key>`` per metric of :data:`cgc_hf.evaluation.METRICS`, and ``eval_samples``.
 
         Runs :func:`cgc_hf.evaluation.evaluate` with the run's seed, so ``recipes/evaluate.py``
         reports the same numbers for the saved model on the same data and seed.
-
-        Returns:
-            ``eval_<key>`` for each metric of :data:`cgc_hf.evaluation.METRICS` that applies
-            (accuracy and pointing game in percent, consistency as a cosine, Content Heatmap in
-            percent, all-zero heatmaps as a count, insertion / deletion AUCs when enabled) and
-            ``eval_samples``.
         """
         if self.eval_loader is None:
             return {}
@@ -346,14 +326,15 @@ class CGCTrainer:
             insertion_steps=self.args.eval_insertion_steps,
         )
         if self.args.figure_images and acc.is_main_process:
-            # The first images of the eval set, whatever the number of processes.
-            dataset = self.eval_loader.dataset
-            batch = self.collate(
-                [dataset[i] for i in range(min(self.args.figure_images, len(dataset)))]
-            )
-            batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-            with eval_mode(model):
-                self._write_figure(model, batch)
+            self.last_figure = write_figure(
+                acc,
+                model,
+                self.eval_loader.dataset,
+                self.collate,
+                self.args.figure_images,
+                self.output_dir / "figures" / f"step_{self.state.global_step}.png",
+                self.state.global_step,
+            ) or getattr(self, "last_figure", None)
         return result.scalars()
 
     def _evaluate_and_record(self) -> dict[str, float]:
@@ -365,28 +346,9 @@ class CGCTrainer:
         self.accelerator.log(
             {k.replace("eval_", "eval/"): v for k, v in metrics.items()}, step=state.global_step
         )
-        logger.info("step %d: %s", state.global_step, _fmt(metrics))
+        logger.info("step %d: %s", state.global_step, format_metrics(metrics))
         self.run_folder.write_metrics(state.evaluations)
         return metrics
-
-    def _write_figure(self, model: CGCModel, batch: dict[str, Tensor]) -> None:
-        """Heatmaps of the first eval images, as ``output_dir/figures/step_<N>.png``."""
-        try:
-            from ..visualize import explanation_figure, log_figure
-        except ImportError:  # matplotlib is an optional dependency
-            logger.info("matplotlib is not installed: no heatmap figure is written.")
-            return
-        import matplotlib.pyplot as plt
-
-        path = self.output_dir / "figures" / f"step_{self.state.global_step}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        name = "CGC" if model.config.cgc_lambda > 0 else "baseline"
-        fig = explanation_figure(
-            {name: model}, batch, model.config.data_config, path, max_images=self.args.figure_images
-        )
-        log_figure(self.accelerator, "eval/heatmaps", fig, self.state.global_step)
-        plt.close(fig)
-        self.last_figure = path
 
     # ------------------------------------------------------------------------------ state
     def save_checkpoint(self) -> Path:
@@ -405,22 +367,6 @@ class CGCTrainer:
             )
             self.state = self.checkpoints.load(path)
         return path
-
-    def _write_args(self, resumed_from: Path | None) -> None:
-        """``args.json``: this run's configuration; a resume keeps the original and adds itself."""
-        record = self._resolved()
-        previous = self.run_folder.read_args() if resumed_from is not None else None
-        if previous is not None:
-            resumes = previous.pop("resumes", [])
-            resumes.append(
-                {
-                    "step": self.state.global_step,
-                    "from": str(resumed_from),
-                    "changed": self.resume_changes,
-                }
-            )
-            record = {**previous, "resumes": resumes}
-        self.run_folder.write_args(record)
 
     def _finish(self, train_loss: float, runtime: float) -> dict[str, Any]:
         acc, state = self.accelerator, self.state
@@ -443,7 +389,7 @@ class CGCTrainer:
             self.run_folder.write_metrics(state.evaluations, final)
         acc.log({f"final/{k}": v for k, v in final.items()}, step=state.global_step)
         acc.end_training()
-        logger.info("final: %s", _fmt(final))
+        logger.info("final: %s", format_metrics(final))
         return final
 
     def save_model(self, metrics: dict[str, Any] | None = None) -> Path:
@@ -461,44 +407,5 @@ class CGCTrainer:
         model = self.accelerator.unwrap_model(self.model)
         n = self.accelerator.num_processes
         return resolved_config(
-            self.args, model, n, self.max_steps, self.steps_per_epoch, self.run_info
+            self.args, model, n, self.max_steps, self.steps_per_epoch, self.images, self.run_info
         )
-
-
-class _Running:
-    """Sums of the losses since the last log line, and the images seen."""
-
-    def __init__(self) -> None:
-        self.loss = self.ce = self.cgc = 0.0
-        self.batches = self.images = 0
-        self.since = time.perf_counter()
-
-    def add(self, out: dict[str, Tensor]) -> None:
-        self.loss += out["loss"].item()
-        self.ce += out["loss_ce"].item()
-        self.cgc += out["loss_cgc"].item()
-        self.batches += 1
-
-    def logs(self, lr: float) -> dict[str, float]:
-        n = self.batches
-        seconds = max(time.perf_counter() - self.since, 1e-9)
-        return {
-            "train/loss": self.loss / n,
-            "train/loss_ce": self.ce / n,
-            "train/loss_cgc": self.cgc / n,
-            "train/lr": lr,
-            "train/images_per_second": self.images / seconds,
-        }
-
-
-def _has_accelerator() -> bool:
-    probe = getattr(torch, "accelerator", None)
-    if probe is not None and hasattr(probe, "is_available"):
-        return bool(probe.is_available())
-    return torch.cuda.is_available()
-
-
-def _fmt(metrics: dict[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-    )

@@ -111,10 +111,10 @@ class RunFolder:
         try:
             out.mkdir(parents=True, exist_ok=True)
             self._lock()
-        except PermissionError as err:
+        except OSError as err:  # not writable, a path through a file, a read-only disk
             raise CGCValueError(
-                f"output_dir={str(out)!r} cannot be written ({err.strerror}); choose a folder "
-                "you can write to."
+                f"output_dir={str(out)!r} cannot be created or written ({err.strerror or err}); "
+                "choose a folder you can write to."
             ) from None
         foreign = self.foreign()
         if foreign:
@@ -211,6 +211,21 @@ class RunFolder:
         if self.accelerator.is_main_process:
             write_json(self.path / ARGS_FILE, resolved)
 
+    def record_args(
+        self,
+        resolved: dict[str, Any],
+        resumed_from: Path | None,
+        step: int,
+        changes: dict[str, list[Any]],
+    ) -> None:
+        """Write ``args.json``; a resume keeps the original record and appends itself to it."""
+        previous = self.read_args() if resumed_from is not None else None
+        if previous is not None:
+            resumes = previous.pop("resumes", [])
+            resumes.append({"step": step, "from": str(resumed_from), "changed": changes})
+            resolved = {**previous, "resumes": resumes}
+        self.write_args(resolved)
+
     def read_args(self) -> dict[str, Any] | None:
         data = read_json(self.path / ARGS_FILE)
         return data if isinstance(data, dict) else None
@@ -235,9 +250,18 @@ def _remove(path: Path) -> None:
 
 
 def resolved_config(
-    args: Any, model: Any, num_processes: int, max_steps: int, steps_per_epoch: int, run: dict
+    args: Any,
+    model: Any,
+    num_processes: int,
+    max_steps: int,
+    steps_per_epoch: int,
+    images: dict[str, int],
+    run: dict,
 ) -> dict[str, Any]:
-    """Everything that determines a run, as written to ``args.json`` (secrets removed)."""
+    """Everything that determines a run, as written to ``args.json`` (secrets removed).
+
+    ``images`` counts the labeled, unlabeled and eval images the trainer was given.
+    """
     return redact(
         {
             "training_arguments": args.to_dict(),
@@ -245,6 +269,7 @@ def resolved_config(
             "num_processes": num_processes,
             "max_train_steps": max_steps,
             "steps_per_epoch": steps_per_epoch,
+            "images": images,
             "run": run,
         }
     )
