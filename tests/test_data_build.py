@@ -150,3 +150,25 @@ def test_data_arguments_build_the_run_datasets(splits):
     assert data.unlabeled is None and len(data.labeled) == 2 * loaded.num_labels
     rest = DataArguments(synthetic_kwargs=SYNTHETIC, labels_per_class=2)
     assert len(rest.build_datasets(loaded, CONFIG, seed=3).unlabeled) == len(loaded.train) - 8
+
+
+def test_transformers_example_data_flags(tmp_path):
+    for split, n in (("train", 6), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    args = DataArguments(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
+                         max_train_samples=5, max_eval_samples=3)  # fmt: skip
+    splits = args.load_splits(seed=0)
+    assert splits.id2label == {0: "cat", 1: "dog"} and splits.spec.name == str(tmp_path / "train")
+    assert len(splits.train) == 5 and len(splits.eval) == 3
+    again = args.load_splits(seed=0)
+    assert again.train["label"][:] == splits.train["label"][:]  # seeded subset
+    held = DataArguments(train_dir=str(tmp_path / "train"), train_val_split=0.5).load_splits()
+    assert len(held.train) == 6 and len(held.eval) == 6  # half of each class held out
+    with pytest.raises(DataError, match="not both"):
+        DataArguments(dataset_name="cub", train_dir=str(tmp_path / "train"))
+    with pytest.raises(DataError, match="train_val_split must be in"):
+        DataArguments(train_val_split=1.5)

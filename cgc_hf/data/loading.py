@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import DataError, close_matches, first_line
 from ..synthetic import make_synthetic
 from .columns import check_columns, find_columns, name_columns, settle_object
@@ -59,6 +61,10 @@ def load_splits(
     source: Any = None,
     eval_fraction: float = 0.1,
     remap_labels: bool = False,
+    dataset_config: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
 ) -> Splits:
     """Load a dataset's train and eval splits, check its columns, and make labels ``ClassLabel``.
 
@@ -88,6 +94,11 @@ def load_splits(
             directory or a ``DatasetDict``) instead of the Hub, e.g. on a machine offline.
         eval_fraction: share of each class held out when there is no eval split.
         remap_labels: number sparse integer labels ``0..K-1`` (see :mod:`.labels`).
+        dataset_config: configuration name of a Hub dataset (``--dataset_config_name``).
+        cache_dir: where ``datasets`` keeps downloads and image-folder caches.
+        max_train_samples: keep a seeded random subset of this many training rows (in their
+            order), as transformers' example does for quick runs.
+        max_eval_samples: the same for the eval rows (the same seed picks the same rows).
 
     Returns:
         :class:`Splits`; ``spec`` names the columns actually used and the mask rule.
@@ -97,7 +108,9 @@ def load_splits(
             a label is missing or outside ``[0, num_labels)``, there are fewer than two
             classes, or masks / boxes do not fit their options.
     """
-    spec, dd = _resolve(dataset, source, seed, synthetic_kwargs or {})
+    hub_options = {"name": dataset_config, "cache_dir": cache_dir}
+    hub_options = {k: v for k, v in hub_options.items() if v is not None}
+    spec, dd = _resolve(dataset, source, seed, synthetic_kwargs or {}, hub_options)
     if mask_dir is not None:
         if mask_column is not None:
             raise DataError(
@@ -146,6 +159,8 @@ def load_splits(
     if evald is None:
         rest, held = holdout(label_array(train, spec.label_column), eval_fraction, seed)
         train, evald = train.select(rest), train.select(held)
+    train = _subset(train, max_train_samples, seed, "max_train_samples")
+    evald = _subset(evald, max_eval_samples, seed, "max_eval_samples")
     spec = dataclasses.replace(spec, eval_split=wanted_eval)
     id2label = dict(enumerate(names))
     logger.info(
@@ -190,7 +205,53 @@ def load_unlabeled(
     return rows, spec
 
 
-def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, Any]):
+def load_image_dirs(
+    train_dir: str | os.PathLike,
+    validation_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Any:
+    """Image folders (``class_name/image.jpg``) as one ``DatasetDict`` of train and validation.
+
+    Both folders are read in one call, so their classes get the same names and numbers, as in
+    transformers' image-classification example (``--train_dir`` / ``--validation_dir``).
+    """
+    import datasets
+
+    files = {"train": train_dir, "validation": validation_dir}
+    for split, folder in files.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"{split}_dir {str(folder)!r} is not a directory of images.")
+    patterns = {s: str(Path(f) / "**") for s, f in files.items() if f is not None}
+    try:
+        return _as_dict(
+            datasets.load_dataset("imagefolder", data_files=patterns, cache_dir=cache_dir)
+        )
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"train_dir / validation_dir {list(patterns.values())} are not readable image "
+            f"folders (class_name/image.jpg): {first_line(err)}"
+        ) from err
+
+
+def _subset(ds: Any, count: int | None, seed: int, name: str) -> Any:
+    """A seeded random ``count`` rows of ``ds``, kept in their order (all rows when None)."""
+    if count is None:
+        return ds
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise DataError(f"{name} must be an integer >= 1; got {count!r}.")
+    if count >= len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    return ds.select(sorted(rng.permutation(len(ds))[:count].tolist()))
+
+
+def _resolve(
+    dataset: Any,
+    source: Any,
+    seed: int,
+    synthetic_kwargs: dict[str, Any],
+    hub_options: dict[str, Any] | None = None,
+):
     """Return (spec, DatasetDict) for any accepted form of ``dataset``."""
     import datasets
 
@@ -206,13 +267,13 @@ def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, A
     if name in DATASETS:
         spec = DATASETS[name]
         if source is not None:
-            return spec, _load_local(source)
+            return spec, _load_local(source, hub_options)
         if name == "synthetic":
             kwargs = {"seed": seed, **synthetic_kwargs}
             return spec, make_synthetic(**kwargs)
-        return spec, _load_hub(spec.hub_id, name)
+        return spec, _load_hub(spec.hub_id, name, hub_options)
     if os.path.isdir(name):
-        dd = _load_local(name)
+        dd = _load_local(name, hub_options)
         return find_columns(name, None, dd), dd
     if os.path.exists(name):
         raise DataError(
@@ -224,7 +285,7 @@ def _resolve(dataset: Any, source: Any, seed: int, synthetic_kwargs: dict[str, A
             f"dataset {name!r} is not a registry name ({sorted(DATASETS)}), an existing "
             f"directory, or a Hub id of the form 'owner/name'.{close_matches(name, DATASETS)}"
         )
-    dd = _load_hub(name, name)
+    dd = _load_hub(name, name, hub_options)
     return find_columns(name, name, dd), dd
 
 
@@ -236,7 +297,7 @@ def _as_dict(obj: Any):
     return obj
 
 
-def _load_local(path: Any):
+def _load_local(path: Any, hub_options: dict[str, Any] | None = None):
     """A save_to_disk directory, an image folder, or an in-memory datasets object."""
     import datasets
 
@@ -248,7 +309,8 @@ def _load_local(path: Any):
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _as_dict(datasets.load_from_disk(str(path)))
     try:
-        dd = datasets.load_dataset("imagefolder", data_dir=str(path))
+        cache = {k: v for k, v in (hub_options or {}).items() if k == "cache_dir"}
+        dd = datasets.load_dataset("imagefolder", data_dir=str(path), **cache)
     except (OSError, ValueError) as err:
         raise DataError(
             f"directory {str(path)!r} is neither a save_to_disk output nor a readable image folder "
@@ -257,11 +319,11 @@ def _load_local(path: Any):
     return _as_dict(dd)
 
 
-def _load_hub(hub_id: str | None, name: str):
+def _load_hub(hub_id: str | None, name: str, hub_options: dict[str, Any] | None = None):
     import datasets
 
     try:
-        return _as_dict(datasets.load_dataset(hub_id))
+        return _as_dict(datasets.load_dataset(hub_id, **(hub_options or {})))
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError are OSErrors
         offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise DataError(

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,9 @@ from ..errors import DataError
 from .annotations import BOX_FORMATS
 from .build import REST, TrainingData, build_datasets
 from .dataset import BAD_IMAGE_POLICIES
-from .loading import Splits, load_splits
+from .loading import Splits, load_image_dirs, load_splits
+
+DEFAULT_DATASET = "synthetic"  # generated offline: runs anywhere, with masks and boxes
 
 
 @dataclass
@@ -31,12 +34,41 @@ class DataArguments:
     """
 
     dataset_name: str = field(
-        default="synthetic",
+        default=DEFAULT_DATASET,
         metadata={
             "help": "A named dataset (synthetic, cub, cub_masks, cars, aircraft, flowers102, "
             "dogs, pets), a Hub dataset id, an image folder or a save_to_disk directory.",
             "aliases": ("--dataset",),
         },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration name of a Hub dataset."}
+    )
+    train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of training images (class_name/image.jpg), instead of "
+            "--dataset_name, as in transformers' image-classification example."
+        },
+    )
+    validation_dir: str | None = field(
+        default=None,
+        metadata={"help": "With --train_dir: a folder of evaluation images, same layout."},
+    )
+    train_val_split: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of each class held out for evaluation when the data has no eval "
+            "split; unset: 0.1."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Train on a seeded random subset of this many rows (quick runs)."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on a seeded random subset of this many rows."},
     )
     dataset_source: str | None = field(
         default=None,
@@ -169,11 +201,31 @@ class DataArguments:
         if k is not None and p is not None:
             raise DataError(f"give labels_per_class ({k}) or label_fraction ({p}), not both.")
         self.train_crop_scale = tuple(float(v) for v in self.train_crop_scale)
+        if self.validation_dir is not None and self.train_dir is None:
+            raise DataError(
+                f"validation_dir ({self.validation_dir!r}) needs train_dir, the training images."
+            )
+        if self.train_dir is not None and self.dataset_name != DEFAULT_DATASET:
+            raise DataError(
+                f"give dataset_name ({self.dataset_name!r}) or train_dir ({self.train_dir!r}), "
+                "not both."
+            )
+        v = self.train_val_split
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+            raise DataError(f"train_val_split must be in (0, 1), e.g. 0.15; got {v!r}.")
 
-    def load_splits(self, seed: int = 0) -> Splits:
-        """:func:`load_splits` with these options."""
-        return load_splits(
-            self.dataset_name,
+    def load_splits(self, seed: int = 0, cache_dir: str | None = None) -> Splits:
+        """:func:`load_splits` with these options.
+
+        Args:
+            seed: seed of generated data, a held-out slice and the sample subsets.
+            cache_dir: where ``datasets`` caches downloads (``ModelArguments.cache_dir``).
+        """
+        dataset: Any = self.dataset_name
+        if self.train_dir is not None:
+            dataset = load_image_dirs(self.train_dir, self.validation_dir, cache_dir)
+        splits = load_splits(
+            dataset,
             source=self.dataset_source,
             image_column=self.image_column_name,
             label_column=self.label_column_name,
@@ -187,7 +239,15 @@ class DataArguments:
             seed=seed,
             synthetic_kwargs=self.synthetic_kwargs,
             remap_labels=self.remap_labels,
+            dataset_config=self.dataset_config_name,
+            cache_dir=cache_dir,
+            max_train_samples=self.max_train_samples,
+            max_eval_samples=self.max_eval_samples,
+            **({} if self.train_val_split is None else {"eval_fraction": self.train_val_split}),
         )
+        if self.train_dir is not None:
+            splits.spec = dataclasses.replace(splits.spec, name=self.train_dir)
+        return splits
 
     def build_datasets(
         self, splits: Splits, data_config: dict[str, Any], seed: int = 0
@@ -208,6 +268,10 @@ class DataArguments:
 
 LOAD_FIELDS = (
     "dataset_name",
+    "dataset_config_name",
+    "train_dir",
+    "validation_dir",
+    "train_val_split",
     "dataset_source",
     "image_column_name",
     "label_column_name",
