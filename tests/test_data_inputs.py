@@ -121,6 +121,9 @@ def test_null_labels_are_one_clear_error():
 def test_a_single_class_is_refused(labels, feature):
     with pytest.raises(DataError, match="a classifier needs at least two"):
         load_splits(_labeled(labels, feature), eval_split=None)
+    # An audit that ignores the labels may use a one-class dataset (a folder of birds).
+    audit = load_splits(_labeled(labels, feature), eval_split=None, min_classes=1)
+    assert len(audit.train) + len(audit.eval) == 4
 
 
 def test_sparse_integer_labels_are_refused_or_remapped(caplog):

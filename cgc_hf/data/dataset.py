@@ -113,7 +113,8 @@ class CGCDataset(torch.utils.data.Dataset):
             except _BadImage as err:
                 if self.on_bad_image == "raise":
                     raise DataError(
-                        f"row {row} of dataset {self.spec.name!r} has an unreadable image: {err}. "
+                        f"row {row} of dataset {self.spec.name!r} has an unreadable image: "
+                        f"{str(err).rstrip('.')}. "
                         "Pass on_bad_image='skip' (--on_bad_image skip) to substitute the next "
                         "readable row."
                     ) from err

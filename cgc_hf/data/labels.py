@@ -26,7 +26,11 @@ SPARSE_LABEL_SLACK = 16
 
 
 def cast_labels(
-    train: Any, evald: Any | None, spec: DatasetSpec, remap_labels: bool = False
+    train: Any,
+    evald: Any | None,
+    spec: DatasetSpec,
+    remap_labels: bool = False,
+    min_classes: int = 2,
 ) -> tuple[Any, Any | None, list[str]]:
     """Make the label column a ``ClassLabel`` with the same names in both splits.
 
@@ -36,6 +40,8 @@ def cast_labels(
         spec: names the label column (and a column naming integer labels).
         remap_labels: number the integer label values that occur ``0..K-1`` in sorted order
             (class names keep the original values); logged with the mapping.
+        min_classes: fewest classes accepted, in the names and in the training split (1 for
+            an evaluation that ignores the labels).
 
     Returns:
         ``(train, eval, names)`` with the column cast.
@@ -102,7 +108,7 @@ def cast_labels(
         _check_range(d, col, len(names), spec.name)
         out.append(d)
     present = np.unique(label_array(out[0], col))
-    if len(names) < 2 or present.size < 2:
+    if len(names) < min_classes or present.size < min_classes:
         shown = f"{len(names)} class" + ("es" if len(names) != 1 else "")
         raise DataError(
             f"dataset {spec.name!r} has {shown} in column {col!r} and {present.size} in its "

@@ -65,6 +65,7 @@ def load_splits(
     cache_dir: str | os.PathLike | None = None,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    min_classes: int = 2,
 ) -> Splits:
     """Load a dataset's train and eval splits, check its columns, and make labels ``ClassLabel``.
 
@@ -99,6 +100,8 @@ def load_splits(
         max_train_samples: keep a seeded random subset of this many training rows (in their
             order), as transformers' example does for quick runs.
         max_eval_samples: the same for the eval rows (the same seed picks the same rows).
+        min_classes: fewest classes accepted (a one-class dataset would train a constant
+            model that scores 100%); 1 for an evaluation that ignores the labels.
 
     Returns:
         :class:`Splits`; ``spec`` names the columns actually used and the mask rule.
@@ -154,7 +157,9 @@ def load_splits(
         check_columns(evald, spec, wanted_eval, named=named_roles)
     else:
         evald = None
-    train, evald, names = cast_labels(train, evald, spec, remap_labels=remap_labels)
+    train, evald, names = cast_labels(
+        train, evald, spec, remap_labels=remap_labels, min_classes=min_classes
+    )
     spec = settle_object(train, spec)
     if evald is None:
         rest, held = holdout(label_array(train, spec.label_column), eval_fraction, seed)

@@ -214,12 +214,15 @@ class DataArguments:
         if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
             raise DataError(f"train_val_split must be in (0, 1), e.g. 0.15; got {v!r}.")
 
-    def load_splits(self, seed: int = 0, cache_dir: str | None = None) -> Splits:
+    def load_splits(
+        self, seed: int = 0, cache_dir: str | None = None, min_classes: int = 2
+    ) -> Splits:
         """:func:`load_splits` with these options.
 
         Args:
             seed: seed of generated data, a held-out slice and the sample subsets.
             cache_dir: where ``datasets`` caches downloads (``ModelArguments.cache_dir``).
+            min_classes: fewest classes accepted; 1 for an evaluation that ignores labels.
         """
         dataset: Any = self.dataset_name
         if self.train_dir is not None:
@@ -243,6 +246,7 @@ class DataArguments:
             cache_dir=cache_dir,
             max_train_samples=self.max_train_samples,
             max_eval_samples=self.max_eval_samples,
+            min_classes=min_classes,
             **({} if self.train_val_split is None else {"eval_fraction": self.train_val_split}),
         )
         if self.train_dir is not None:
