@@ -342,9 +342,12 @@ def test_audits_an_off_the_shelf_classifier(saved_models, tmp_path, capsys):
 
     tiny_hf_backbone("resnet", num_labels=4).save_pretrained(tmp_path / "hf-resnet")
     argv = _args(
-        [saved_models[0], tmp_path / "hf-resnet"], tmp_path / "out", "--figure_images", "0"
+        [saved_models[0], tmp_path / "hf-resnet"], tmp_path / "out", "--figure_images", "2"
     )
     assert recipe.main(argv) == 0
+    # Its own data config (its size and normalisation): its heatmaps get a figure of their own.
+    assert (tmp_path / "out" / "comparison.png").is_file()
+    assert (tmp_path / "out" / "hf-resnet" / "explanations.png").is_file()
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert list(comparison["models"]) == ["cgc", "hf-resnet"]
     plain = _metrics(tmp_path / "out", "hf-resnet")

@@ -370,7 +370,7 @@ def test_card_names_metrics_from_the_table(tiny_model):
 
 
 # ---------------------------------------------------------------------------------- one path
-def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path):
+def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path, fresh_accelerate):
     """metrics.json, recipes/evaluate.py and the model card: one evaluation, the same numbers.
 
     The recipe evaluates with another batch size than the trainer, which the per-image seeds
