@@ -12,10 +12,14 @@ Cases, each at random init (nothing is downloaded):
 - **transformers**: every model type of ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``, from
   a tiny config (:data:`HF_TINY`), wrapped as an instance.
 
-A case passes when the target layer resolves automatically, one CGC training step (batch of 2)
+A case passes when the target layer resolves automatically, one CGC training step (batch of 4)
 gives a finite loss whose CGC term alone sends non-zero gradient into the first layer of the
 backbone, and ``explain`` returns a heatmap that is not constant, on the grid the explained
 layer really outputs. Anything else, a time-out or an exhausted memory cap included, fails.
+Random-init models get what a first step of training would give them: all-zero classifier
+weights (timm zero-initialises some heads) become small random values, BatchNorm scales that
+transformers draws from N(0, 0.02) become 1, and BatchNorm statistics are estimated on the
+probe images before the eval-mode ``explain``.
 
 Run it niced and single-threaded (choosing the smallest model per family builds every timm
 model once on the meta device; ``--picks`` caches that):
@@ -75,29 +79,8 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
     "clip": (32, dict(vision_config=_TOWER, text_config=_TEXT)),
     "convnext": (64, dict(_STAGES, num_stages=2)),
     "convnextv2": (64, dict(_STAGES, num_stages=2)),
-    "cvt": (
-        64,
-        dict(
-            embed_dim=[16, 32],
-            num_heads=[1, 2],
-            depth=[1, 1],
-            patch_sizes=[7, 3],
-            patch_stride=[4, 2],
-            patch_padding=[2, 1],
-            mlp_ratio=[2.0, 2.0],
-            attention_drop_rate=[0.0, 0.0],
-            drop_rate=[0.0, 0.0],
-            drop_path_rate=[0.0, 0.0],
-            qkv_bias=[True, True],
-            cls_token=[False, True],
-            qkv_projection_method=["dw_bn", "dw_bn"],
-            kernel_qkv=[3, 3],
-            padding_kv=[1, 1],
-            stride_kv=[2, 2],
-            padding_q=[1, 1],
-            stride_q=[1, 1],
-        ),
-    ),
+    # CvT indexes its drop-path rates by stage, so stage i needs more than i blocks
+    "cvt": (64, dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3])),
     "data2vec-vision": (32, dict(_VIT, use_mean_pooling=True)),
     "deit": (32, dict(_VIT)),
     "dinat": (
@@ -133,18 +116,19 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
         dict(
             image_size=[64, 64],
             embed_dim=16,
-            num_heads=[1, 2],
-            depths=[1, 1],
-            query_stride=[2, 2],
+            num_heads=[1, 2, 4],
+            depths=[1, 1, 1],
+            num_query_pool=2,
             masked_unit_size=[4, 4],
+            masked_unit_attention=[True, False, False],
         ),
     ),
     "ijepa": (32, dict(_VIT)),
     "imagegpt": (16, dict(n_embd=32, n_layer=2, n_head=2, n_positions=256, vocab_size=513)),
-    "levit": (
-        64,
+    "levit": (  # three stages of stride 16, 32, 64: 128 px leaves a 2x2 grid at the end
+        128,
         dict(
-            image_size=64,
+            image_size=128,
             hidden_sizes=[16, 32, 48],
             num_attention_heads=[1, 2, 3],
             depths=[1, 1, 1],
@@ -203,7 +187,17 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
     "swiftformer": (64, dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 48, 64])),
     "swin": (32, dict(_SWIN)),
     "swinv2": (32, dict(_SWIN)),
-    "textnet": (64, dict()),
+    "textnet": (
+        64,
+        dict(
+            image_size=[64, 64],
+            stem_out_channels=16,
+            hidden_sizes=[16, 16, 32, 48, 64],
+            depths=[1, 1, 1, 1],
+            conv_layer_kernel_sizes=[[[3, 3]], [[3, 3]], [[3, 3]], [[3, 3]]],
+            conv_layer_strides=[[1], [2], [2], [2]],
+        ),
+    ),
     "timm_wrapper": (64, dict(architecture="resnet18", model_args=dict(layers=[1, 1, 1, 1]))),
     "vit": (32, dict(_VIT)),
     "vit_msn": (32, dict(_VIT)),
@@ -248,8 +242,45 @@ def _first_weight_layer(model: nn.Module, x: Tensor) -> nn.Module:
     return order[0]
 
 
+def _prepare(model: nn.Module) -> None:
+    """Give all-zero Linear weights small random values, as a first optimizer step would.
+
+    timm zero-initialises some classifiers (Hiera, MLP-Mixer); until one step has trained them
+    the class score is constant, so no heatmap and no gradient could be anything but zero.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not bool(m.weight.any()):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.02)
+            elif (
+                isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.weight is not None
+                and 0 < float(m.weight.abs().max()) < 0.1
+            ):
+                # transformers draws EfficientNet's BatchNorm scales from N(0, 0.02) like its
+                # convolutions, so a random model's activations vanish (~1e-39); PyTorch's 1.
+                m.weight.fill_(1.0)
+
+
+def _calibrate_batchnorm(model: CGCModel, x: Tensor) -> None:
+    """Estimate BatchNorm running statistics from ``x``, as training would.
+
+    A fresh model's statistics (mean 0, variance 1) leave eval-mode activations unnormalised;
+    LeViT's and PP-LCNet's then shrink until every heatmap is flat.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        model.adapter.logits(model.backbone, x)
+
+
 def check(model: CGCModel, result: Result) -> None:
     """Train one CGC step and explain; raise with the reason when a criterion fails."""
+    _prepare(model.backbone)
     result.target = model.target.name
     result.layout = model.target.layout
     if model.target.num_prefix_tokens:
@@ -257,11 +288,12 @@ def check(model: CGCModel, result: Result) -> None:
     size = tuple(model.config.data_config["input_size"][-2:])
     result.size = "x".join(map(str, size))
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *size, generator=gen)  # two different images
+    # four different images: BatchNorm in training mode maps a batch of two to +-1
+    x = torch.randn(4, 3, *size, generator=gen)
     stem = _first_weight_layer(model, x)
 
     model.train()
-    out = model(x, labels=torch.tensor([0, 1]))
+    out = model(x, labels=torch.tensor([0, 1, 2, 0]))
     if not bool(torch.isfinite(out["loss"])):
         raise FloatingPointError(f"loss is {float(out['loss'].detach())}")
     model.zero_grad()
@@ -270,20 +302,28 @@ def check(model: CGCModel, result: Result) -> None:
     if grad is None or not bool(grad.abs().max() > 0):
         raise RuntimeError("the CGC term sends no gradient into the first layer")
 
+    _calibrate_batchnorm(model, x)
     model.eval()
     with capture(model.backbone, model.target.name, make_leaf=True) as cap:
         model.adapter.logits(model.backbone, x)
     grid = tuple(to_nchw(cap.tensor.detach(), model.target, size).shape[-2:])
-    heatmaps = model.explain(x)  # (2, h, w)
-    result.grid = "x".join(map(str, heatmaps.shape[-2:]))
-    if tuple(heatmaps.shape[-2:]) != grid:
-        raise RuntimeError(f"heatmap grid {result.grid} is not the layer's grid {grid}")
-    if not bool(torch.isfinite(heatmaps).all()):
-        raise FloatingPointError("heatmap is not finite")
-    flat = heatmaps.flatten(1)
-    spread = flat.amax(1) - flat.amin(1)  # (2,)
-    if not bool((spread > 1e-6 * flat.abs().amax().clamp_min(1e-30)).any()):
-        raise RuntimeError(f"every heatmap is constant (max {float(flat.abs().max()):.3g})")
+    # The predicted class first; a random-init model's ReLU may zero one class's map
+    # everywhere, so the other classes count too: any informative map passes.
+    predicted = model(x)["logits"].argmax(1)
+    peaks = []
+    for k in [None, *range(NUM_LABELS)]:
+        heatmaps = model.explain(x, None if k is None else torch.full_like(predicted, k))
+        result.grid = "x".join(map(str, heatmaps.shape[-2:]))
+        if tuple(heatmaps.shape[-2:]) != grid:
+            raise RuntimeError(f"heatmap grid {result.grid} is not the layer's grid {grid}")
+        if not bool(torch.isfinite(heatmaps).all()):
+            raise FloatingPointError("heatmap is not finite")
+        flat = heatmaps.flatten(1)  # (2, h*w)
+        spread = flat.amax(1) - flat.amin(1)  # (2,)
+        if bool((spread > 1e-6 * flat.abs().amax().clamp_min(1e-30)).any()):
+            return
+        peaks.append(float(flat.abs().max()))
+    raise RuntimeError(f"every heatmap of every class is constant (peaks {peaks})")
 
 
 def _num_params(model: nn.Module) -> int:
@@ -349,12 +389,18 @@ class NotApplicable(Exception):
 def hf_build(model_type: str) -> Callable[[], CGCModel]:
     def build() -> CGCModel:
         from transformers import AutoConfig, AutoModelForImageClassification
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES,
+        )
 
         _, fields = HF_TINY[model_type]
         if model_type == "shieldgemma2":
             config = _shieldgemma2_config()
         else:
             config = AutoConfig.for_model(model_type, num_labels=NUM_LABELS, **fields)
+        classes = NAMES[model_type]
+        if not isinstance(classes, str):  # several heads (e.g. DeiT with teacher): the first
+            config.architectures = [classes[0]]
         backbone = AutoModelForImageClassification.from_config(config)
         return CGCModel.from_backbone(backbone)
 

@@ -216,15 +216,28 @@ def resolve_target(
             grads = torch.autograd.grad(
                 score, [rec.tensor for rec, _ in candidates], allow_unused=True
             )
-            alive = [
-                (rec, target)
+            size = tuple(example.shape[-2:])
+            reached = [
+                (rec, target, _informative(rec.tensor, grad, target, size))
                 for (rec, target), grad in zip(candidates, grads)
                 if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
             ]
             # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block,
             # not the block's output: HF ViT's last v_proj would otherwise win over the last
-            # block's norm in a class-token ViT. Keep such layers only as a last resort.
-            alive.sort(key=lambda c: isinstance(c[0].module, nn.Linear))
+            # block's norm in a class-token ViT. Likewise, once the sequence carries a class
+            # token, a map without it is computed from the patches alone inside a block (CvT's
+            # convolutional key / value projections in its class-token stage). Keep such
+            # layers only as a last resort, and behind them layers whose heatmap carries no
+            # information about the image.
+            with_prefix = any(t.num_prefix_tokens for _, t, _ in reached)
+            reached.sort(
+                key=lambda c: (
+                    not c[2],
+                    isinstance(c[0].module, nn.Linear),
+                    with_prefix and not c[1].num_prefix_tokens,
+                )
+            )
+            alive = [(rec, target) for rec, target, _ in reached]
             if name is not None:
                 chosen = [(rec, target) for rec, target in alive if rec.name == name]
                 if not chosen:
@@ -271,6 +284,26 @@ def _nonzero_linears(backbone: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for w in zeroed:
                 w.zero_()
+
+
+def _informative(
+    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
+) -> bool:
+    """Whether the layer's probe heatmap says something about the images.
+
+    The map ``sum_c dscore/dA * A`` (before the ReLU, so that a random-init model's sign does
+    not decide) must vary over positions and differ between the probe images, which differ.
+    A layer the class score reads only through a pooled or broadcast vector (a class token
+    spread back over the grid, a global-context branch, a position embedding) gives a flat or
+    image-independent map there although it receives gradient.
+    """
+    with torch.no_grad():
+        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
+        cam = (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
+        scale = cam.abs().amax().clamp_min(1e-30)
+        varies = bool(((cam.amax(1) - cam.amin(1)) > 1e-5 * scale).any())
+        distinct = cam.shape[0] < 2 or bool((cam[0] - cam[1]).abs().amax() > 1e-5 * scale)
+    return varies and distinct
 
 
 def _suggest(candidates: list[tuple[_Record, TargetLayer]]) -> str:

@@ -6,7 +6,11 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_python_example_runs():
+def test_python_example_runs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # the example reads cat.jpg and writes its overlay here
+    Image.new("RGB", (300, 240), (200, 120, 40)).save("cat.jpg")
     text = README.read_text()
     block = re.search(r"## In Python\n\n```python\n(.*?)```", text, re.S).group(1)
     assert "from_backbone(" in block and "explain(" in block
@@ -16,6 +20,7 @@ def test_python_example_runs():
     exec(compile(offline, str(README), "exec"), scope)
     assert tuple(scope["heatmaps"].shape) == (2, 224, 224)
     assert set(scope["out"]) == {"loss", "logits", "loss_ce", "loss_cgc"}
+    assert Image.open("cat_gradcam.png").size == (224, 224)  # the overlay it writes
 
 
 def test_first_lines_are_the_two_setup_commands():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -122,13 +123,29 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         return cls._from_config(config, attn_implementation="eager")
 
     def logits(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
-        return model(pixel_values=pixel_values).logits
+        if _takes_patches(model):
+            out = model(**_patch_inputs(model, pixel_values))
+        else:
+            out = model(pixel_values=pixel_values)
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            # a classifier that returns its logits under another name (PP-LCNet's
+            # last_hidden_state): the output's first (B, num_labels) tensor
+            shape = (pixel_values.shape[0], model.config.num_labels)
+            logits = next((v for v in out.values() if getattr(v, "shape", None) == shape), None)
+        if logits is None:
+            raise CGCValueError(
+                f"{type(model).__name__} returned {type(out).__name__} without logits of shape "
+                f"(batch, num_labels); use a model with an image-classification head."
+            )
+        return logits
 
     def num_labels(self, model: nn.Module) -> int:
         return int(model.config.num_labels)
 
     def id2label(self, model: nn.Module) -> dict[int, str] | None:
-        return {int(k): v for k, v in model.config.id2label.items()}
+        names = getattr(model.config, "id2label", None) or {}  # PvT's config may hold None
+        return {int(k): v for k, v in names.items()} or None
 
     def set_labels(self, model: nn.Module, id2label: dict[int, str]) -> None:
         model.config.id2label = dict(id2label)
@@ -214,7 +231,36 @@ def instance_image_size(model: nn.Module) -> tuple[int, int] | None:
         pair_of_ints = isinstance(size, (list, tuple)) and len(size) == 2
         if isinstance(size, int) or (pair_of_ints and all(isinstance(s, int) for s in size)):
             return pair(size)
+        patches, patch = getattr(owner, "num_patches", None), getattr(owner, "patch_size", None)
+        if isinstance(patches, int) and isinstance(patch, int):  # NaFlex: a square of patches
+            return pair(math.isqrt(patches) * patch)
     return None
+
+
+def _takes_patches(model: nn.Module) -> bool:
+    """Whether ``model`` reads flattened patches with their grid (SigLIP 2's NaFlex input)."""
+    return "spatial_shapes" in inspect.signature(model.forward).parameters
+
+
+def _patch_inputs(model: nn.Module, pixel_values: Tensor) -> dict[str, Tensor]:
+    """Images ``(B, 3, H, W)`` as the rows of patches NaFlex models take (their processor's
+    layout: row-major patches, each flattened as ``(p, p, C)``), all of them valid.
+
+    Shape:
+        pixel_values: ``(B, C, H, W)`` -> ``(B, gh * gw, p * p * C)``, mask ``(B, gh * gw)``,
+        spatial_shapes ``(B, 2)``.
+    """
+    config = getattr(model.config, "vision_config", model.config)
+    p = int(config.patch_size)
+    b, c, h, w = pixel_values.shape
+    gh, gw = h // p, w // p
+    patches = pixel_values[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p)
+    patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+    return {
+        "pixel_values": patches,
+        "pixel_attention_mask": torch.ones(b, gh * gw, dtype=torch.long, device=patches.device),
+        "spatial_shapes": torch.tensor([[gh, gw]] * b, device=patches.device),
+    }
 
 
 def processor_data_config(processor: Any) -> dict[str, Any]:
