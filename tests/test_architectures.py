@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import (
@@ -164,3 +165,185 @@ def test_input_size_follows_img_size(key):
     assert list(model.config.data_config["input_size"]) == [3, size, size]
     rebuilt = CGCModel(model.config.to_dict())  # from the saved description, random weights
     assert rebuilt.explain(images(TIMM_TINY[key])).shape[-1] == TIMM_TINY[key].grid
+
+
+# ------------------------------------------------------------------ the failure kinds of issue 14
+def _trains_and_explains(model: CGCModel, grid: tuple[int, int]) -> None:
+    """Resolved target, CGC gradient into the first layer, a non-constant heatmap on ``grid``."""
+    assert model.config.target_layer is None
+    size = tuple(model.config.data_config["input_size"][-2:])
+    x = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(0))
+    stem = _first_weight_layer(_Through(model), x)
+    model.train()
+    out = model(x, labels=torch.tensor([0, 1, 2, 0]))
+    model.zero_grad()
+    out["loss_cgc"].backward()
+    assert float(stem.weight.grad.abs().max()) > 0
+    model.eval()
+    heatmaps = model.explain(x)
+    assert heatmaps.shape == (4, *grid)
+    spread = heatmaps.flatten(1).amax(1) - heatmaps.flatten(1).amin(1)
+    assert float(spread.max()) > 1e-6 * float(heatmaps.max())
+
+
+class _Through(nn.Module):
+    """The backbone called the way the model calls it (SigLIP 2 takes patches)."""
+
+    def __init__(self, model: CGCModel) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.adapter = model.adapter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.adapter.logits(self.backbone, x)
+
+
+_TINY_VIT = dict(patch_size=8, depth=1, embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "side", "stride"),
+    [
+        ("vit_tiny_patch16_224", _TINY_VIT, 48, 8),
+        (
+            "levit_128s",
+            dict(embed_dim=(16, 32), key_dim=8, depth=(1, 1), num_heads=(2, 2)),
+            64,
+            32,
+        ),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(window_size=2, depths=(1, 1), num_heads=(1, 2), embed_dim=16),
+            32,
+            8,
+        ),
+    ],
+)
+def test_timm_instance_built_at_a_non_default_size(name, kwargs, side, stride):
+    # what users write: timm.create_model(name, img_size=...), then wrap the instance
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, num_classes=NUM_LABELS, img_size=side, **kwargs)
+    model = CGCModel.from_backbone(backbone)
+    assert list(model.config.data_config["input_size"]) == [3, side, side]
+    calibrate_like_training(model)
+    _trains_and_explains(model, (side // stride, side // stride))
+
+
+def _hf_vision(**fields: int) -> dict:
+    return dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **fields
+    )
+
+
+def _hf(model_type: str, **fields) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, num_labels=NUM_LABELS, **fields)
+    return AutoModelForImageClassification.from_config(config)
+
+
+_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "fields", "grid"),
+    [
+        # a config built at a non-default image_size
+        ("vit", _hf_vision(image_size=48, patch_size=8), 6),
+        # CLIP / SigLIP vision towers as classifiers: the size sits in vision_config
+        ("clip", dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=_TEXT), 5),
+        (
+            "siglip",
+            dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=_TEXT),
+            5,
+        ),
+        # SigLIP 2 reads flattened patches with their grid (NaFlex), not (B, 3, H, W)
+        (
+            "siglip2",
+            dict(vision_config=_hf_vision(num_patches=16, patch_size=8), text_config=_TEXT),
+            4,
+        ),
+        # hierarchical, with a class token added in the last stage only (stride 16 there)
+        (
+            "cvt",
+            dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3], image_size=64),
+            4,
+        ),
+    ],
+)
+def test_transformers_kinds_resolve_by_structure(model_type, fields, grid):
+    model = CGCModel.from_backbone(_hf(model_type, **fields))
+    if model_type == "cvt":  # the block's sequence with its class token, not a projection in it
+        assert model.target.name.endswith("layers.2.layernorm_before")
+        assert model.target.num_prefix_tokens == 1
+    _trains_and_explains(model, (grid, grid))
+
+
+def test_class_attention_is_followed_back_to_the_patch_tokens():
+    # CaiT: the last blocks update only the class token, which reads the patch tokens
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "cait_xxs24_224",
+        num_classes=NUM_LABELS,
+        img_size=32,
+        patch_size=8,
+        depth=1,
+        depth_token_only=1,
+        embed_dim=32,
+        num_heads=2,
+    )
+    model = CGCModel.from_backbone(backbone)
+    assert model.target.name.startswith("blocks_token_only.")
+    assert model.target.num_prefix_tokens == 1
+    _trains_and_explains(model, (4, 4))
+
+
+class BroadcastNet(nn.Module):
+    """A CNN whose last spatial map is a pooled vector spread back over the grid.
+
+    That map receives gradient from the class score, but its heatmap is the same at every
+    position (a global-context branch, or a class token broadcast back in hybrids): the
+    target must be the convolution before it.
+    """
+
+    def __init__(self, num_classes: int = NUM_LABELS, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.pretrained_cfg = {
+            "architecture": "broadcastnet",
+            "input_size": (3, 16, 16),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+        }
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.spread = _Spread()
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.spread(torch.relu(self.conv(x)))  # (B, width, H, W), constant over H, W
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x).mean((2, 3)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+class _Spread(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3), keepdim=True).expand_as(x)
+
+
+def test_a_layer_with_a_flat_heatmap_is_not_the_target():
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone(BroadcastNet())
+    assert model.target.name == "conv"  # not "spread", which gets gradient too
+    _trains_and_explains(model, (16, 16))
+
+
+def calibrate_like_training(model: CGCModel) -> None:
+    """Random BatchNorm statistics leave eval-mode LeViT activations flat; estimate them."""
+    size = tuple(model.config.data_config["input_size"][-2:])
+    spec = TinySpec("", image_size=size[0])
+    calibrate_batchnorm(model.backbone, spec)
