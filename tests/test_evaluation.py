@@ -21,15 +21,19 @@ from torch.utils.data import DataLoader
 from cgc_hf import (
     METRICS,
     CGCModel,
+    CGCTrainer,
     CGCTrainingArguments,
     CheckpointError,
     Evaluation,
     EvaluationArguments,
+    build_datasets,
+    collate,
     compare,
     evaluate,
     evaluate_batch,
     format_table,
     load_classifier,
+    load_splits,
     paired_difference,
     summarize,
     write_results,
@@ -370,25 +374,26 @@ def test_card_names_metrics_from_the_table(tiny_model):
 
 
 # ---------------------------------------------------------------------------------- one path
+def _tiny_run(seed: int, eval_size: int, eval_split: str | None = None) -> tuple:
+    """Generated data, a tiny model and its train / eval datasets, built as finetune.py does."""
+    synth = {"num_classes": 3, "train_size": 6, "eval_size": eval_size, "image_size": 32}
+    splits = load_splits("synthetic", eval_split=eval_split, seed=seed, synthetic_kwargs=synth)
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone(
+        "resnet18", num_labels=3, pretrained=False, model_kwargs=TINY_RESNET, input_size=32
+    )
+    data = build_datasets(splits, model.config.data_config, seed=seed)
+    return synth, model, data.labeled, data.eval
+
+
 def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path, fresh_accelerate):
     """metrics.json, recipes/evaluate.py and the model card: one evaluation, the same numbers.
 
     The recipe evaluates with another batch size than the trainer, which the per-image seeds
     make irrelevant.
     """
-    from cgc_hf import CGCDataset, CGCTrainer, build_transform, collate, load_splits
-
-    synth = {"num_classes": 3, "train_size": 6, "eval_size": 7, "image_size": 32}
     seed = 5
-    splits = load_splits("synthetic", eval_split="test", seed=seed, synthetic_kwargs=synth)
-    torch.manual_seed(0)
-    model = CGCModel.from_backbone(
-        "resnet18", num_labels=3, pretrained=False, model_kwargs=TINY_RESNET
-    )
-    model.config.data_config["input_size"] = [3, 32, 32]
-    config = model.config.data_config
-    train_ds = CGCDataset(splits.train, build_transform(config, train=True), splits.spec)
-    eval_ds = CGCDataset(splits.eval, build_transform(config, train=False), splits.spec)
+    synth, model, train_ds, eval_ds = _tiny_run(seed, eval_size=7, eval_split="test")
     args = CGCTrainingArguments(
         output_dir=str(tmp_path / "run"),
         max_train_steps=1,
@@ -430,17 +435,7 @@ def test_trainer_sends_heatmap_figures_to_tensorboard(tmp_path, fresh_accelerate
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cgc_hf import CGCDataset, CGCTrainer, build_transform, collate, load_splits
-
-    synth = {"num_classes": 3, "train_size": 6, "eval_size": 3, "image_size": 32}
-    splits = load_splits("synthetic", seed=0, synthetic_kwargs=synth)
-    torch.manual_seed(0)
-    model = CGCModel.from_backbone(
-        "resnet18", num_labels=3, pretrained=False, model_kwargs=TINY_RESNET, input_size=32
-    )
-    config = model.config.data_config
-    train_ds = CGCDataset(splits.train, build_transform(config, train=True), splits.spec)
-    eval_ds = CGCDataset(splits.eval, build_transform(config, train=False), splits.spec)
+    _, model, train_ds, eval_ds = _tiny_run(0, eval_size=3)
     args = CGCTrainingArguments(
         output_dir=str(tmp_path / "run"),
         max_train_steps=1,
