@@ -271,3 +271,14 @@ def test_a_mask_folder_missing_a_mask_says_which(tmp_path):
                     mask_foreground=(1, 3))  # fmt: skip
     with pytest.raises(DataError, match="mask_dir '.*nowhere' is not a directory"):
         load_splits(str(tmp_path / "images"), mask_dir=str(tmp_path / "nowhere"))
+
+
+def test_a_saved_image_folder_finds_its_masks_by_file_name(tmp_path):
+    # save_to_disk keeps only the images' file names: the masks are matched by those.
+    _image_folder(tmp_path, "flat")
+    datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "images")).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    splits = load_splits(str(tmp_path / "saved"), mask_dir=str(tmp_path / "masks"),
+                         mask_foreground=(1, 3))  # fmt: skip
+    _check_metrics(splits)
