@@ -364,7 +364,10 @@ def log_figure(accelerator: Any, tag: str, fig: Figure, step: int) -> None:
         return
     image = figure_to_array(fig)  # (H, W, 3)
     for tracker in trackers:
-        if tracker.name == "tensorboard":  # SummaryWriter.add_images reads NCHW unless told
+        # Each tracker's log_images takes its own form (accelerate passes them through).
+        if tracker.name == "tensorboard":  # SummaryWriter.add_images: a batch, NCHW unless told
             tracker.log_images({tag: image[None]}, step=step, dataformats="NHWC")
-        else:
+        elif tracker.name in ("aim", "clearml"):  # one image per key
+            tracker.log_images({tag: image}, step=step)
+        else:  # wandb, swanlab: a list of images per key
             tracker.log_images({tag: [image]}, step=step)

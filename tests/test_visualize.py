@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,3 +117,31 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install 'cgc_hf\[viz\]'"):
         overlay(torch.rand(3, 8, 8), torch.rand(2, 2))
+
+
+def test_log_figure_gives_each_tracker_its_image_form():
+    import matplotlib.pyplot as plt
+
+    from cgc_hf.visualize import figure_to_array, log_figure
+
+    class Tracker:
+        def __init__(self, name):
+            self.name, self.calls = name, []
+
+        def log_images(self, values, step=None, **kwargs):
+            self.calls.append((values, step, kwargs))
+
+    fig = plt.figure(figsize=(2, 1), dpi=50)
+    image = figure_to_array(fig)
+    assert image.shape == (50, 100, 3) and image.dtype == np.uint8
+    trackers = [Tracker(n) for n in ("tensorboard", "wandb", "aim")]
+    log_figure(SimpleNamespace(trackers=[*trackers, object()]), "eval/heatmaps", fig, 7)
+    (tb,), (wb,), (aim,) = (t.calls for t in trackers)
+    assert tb[0]["eval/heatmaps"].shape == (1, 50, 100, 3) and tb[1:] == (
+        7,
+        {"dataformats": "NHWC"},
+    )
+    assert len(wb[0]["eval/heatmaps"]) == 1 and wb[1] == 7
+    assert aim[0]["eval/heatmaps"].shape == (50, 100, 3)
+    log_figure(SimpleNamespace(), "x", fig, 0)  # no trackers: nothing to do
+    plt.close(fig)
