@@ -272,6 +272,30 @@ class CGCHubMixin:
         return model
 
     # ------------------------------------------------------------------------------ push
+    @staticmethod
+    def create_hub_repo(
+        repo_id: str, private: bool | None = None, token: str | None = None
+    ) -> tuple[str, Any]:
+        """Create the Hub repository ``repo_id`` if missing; return its full id and the client.
+
+        A recipe calls this before training, so a bad token or no network is found at once, not
+        after hours of training; pass the client on to :meth:`push_to_hub` (``hub_api=``). Any
+        failure is one :class:`CGCValueError` line.
+        """
+        try:
+            api = HfApi(token=token, library_name="cgc_hf")
+            url = api.create_repo(
+                repo_id=repo_id, private=private, exist_ok=True, repo_type="model"
+            )
+        except Exception as err:  # offline, no token, no permission, bad id: all user-fixable
+            text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CGCValueError(
+                f"push_to_hub: the Hub repository {repo_id!r} cannot be created "
+                f"({type(err).__name__}: {text}). Check the network (HF_HUB_OFFLINE), the token "
+                "(--token or `hf auth login`) and the id, or run without --push_to_hub."
+            ) from None
+        return getattr(url, "repo_id", None) or repo_id, api
+
     def push_to_hub(
         self,
         repo_id: str,
@@ -283,6 +307,7 @@ class CGCHubMixin:
         revision: str | None = None,
         branch: str | None = None,
         metrics: dict[str, float] | None = None,
+        hub_api: Any = None,
         **card_kwargs: Any,
     ) -> CommitInfo:
         """Save to a temporary folder and upload it to ``repo_id`` in one commit.
@@ -297,6 +322,7 @@ class CGCHubMixin:
                 missing.
             branch: the same as ``revision`` (``PyTorchModelHubMixin.push_to_hub``'s name).
             metrics: evaluation results for the model card.
+            hub_api: the client :meth:`create_hub_repo` returned (the repository then exists).
             **card_kwargs: ``base_model``, ``dataset``, ``label_setting``, ``figure`` for the card.
 
         Returns:
@@ -310,9 +336,9 @@ class CGCHubMixin:
                     f"revision={revision!r} and branch={branch!r} disagree; pass one of them."
                 )
             revision = branch
-        api = HfApi(token=token, library_name="cgc_hf")
-        url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-        repo_id = getattr(url, "repo_id", None) or repo_id
+        if hub_api is None:
+            repo_id, hub_api = self.create_hub_repo(repo_id, private=private, token=token)
+        api = hub_api
         if revision is not None and not create_pr:
             # upload_folder refuses a branch that does not exist yet
             api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")

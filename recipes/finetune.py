@@ -13,11 +13,9 @@ Examples:
     # CUB-200 with 10% of the labels, the rest as unlabeled data, on every GPU.
     accelerate launch recipes/finetune.py --model resnet50 --dataset cub --label_fraction 0.1
 
-Flags follow transformers' image-classification example; every field of ``ModelArguments``,
-``DataArguments``, ``CGCTrainingArguments``, ``HubArguments`` and the method fields of
-``CGCConfig`` is a flag, and ``--config file.yaml`` sets defaults (command-line flags win). When
-``--config`` is not given and ``recipes/configs/<dataset>.yaml`` exists, that file is used.
-Lines marked ``# CGC`` are what this adds to plain fine-tuning.
+Flags follow transformers' image-classification example: each is a field of the argument
+dataclasses below; ``--config file.yaml`` (else ``recipes/configs/<dataset>.yaml``) sets
+defaults under them. Lines marked ``# CGC`` are what this adds to plain fine-tuning.
 """
 
 from __future__ import annotations
@@ -46,9 +44,7 @@ from cgc_hf import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# timm; configs/synthetic.yaml narrows it and dilates its last stages (model_kwargs) so that it
-# trains from scratch on 64 px in CPU minutes with an 8x8 heatmap grid.
-DEFAULT_MODEL = "resnet10t"
+DEFAULT_MODEL = "resnet10t"  # configs/synthetic.yaml narrows and dilates it for 64 px images
 SYNTHETIC_IMAGE_SIZE = 64  # the generated images' side; no point in upsampling them
 
 
@@ -93,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if model_args.no_cgc:
         method["cgc_lambda"] = 0.0  # the baseline: same pipeline, cross-entropy only
     synthetic = data_args.dataset_name == "synthetic"
+    repo_id, hub_api = hub.hub_model_id or Path(args.output_dir).name, None
+    if hub.push_to_hub:  # a bad token or no network is found now, not after training
+        repo_id, hub_api = CGCModel.create_hub_repo(repo_id, hub.hub_private_repo, hub.token)
     set_seed(args.seed)  # before the model is built: its random initialisation repeats too
 
     # 2. Data: columns are checked and labels made 0..K-1 before the model is sized to them.
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_summary(metrics, args.output_dir, model.config.cgc_lambda)
         if hub.push_to_hub:
             info = model.push_to_hub(
-                hub.hub_model_id or Path(args.output_dir).name,
+                repo_id,
+                hub_api=hub_api,
                 private=hub.hub_private_repo,
                 token=hub.token,
                 metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},

@@ -151,3 +151,30 @@ def test_config_model_kwargs_only_apply_to_the_config_model():
     assert "model_kwargs" not in recipe.parse_args(["--model", "vit_tiny_patch16_224"])
     mine = recipe.parse_args(["--model", "vit_tiny_patch16_224", "--model_kwargs", '{"depth": 2}'])
     assert mine["model_kwargs"] == {"depth": 2}
+
+
+@pytest.mark.slow
+def test_the_readme_multi_process_command_runs_two_processes(tmp_path):
+    """Issue 13.12: the README's command gives two (gloo) processes on a CPU machine."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(
+        r"`(accelerate launch [^`]*--num_processes 2 recipes/finetune\.py) \.\.\.`", readme
+    )
+    assert command, "the README names a multi-process command"
+    out = tmp_path / "mp"
+    argv = [
+        *shlex.split(command.group(1)),
+        *TINY,
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        str(out),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stderr
+    assert json.loads((out / "args.json").read_text())["num_processes"] == 2

@@ -500,6 +500,28 @@ BAD_INPUT = {
         ["--per_device_train_batch_size", "1"],
         ["per_device_train_batch_size=1", "negatives", "cgc_lambda=0"],
     ),
+    # issue 13, item 5: non-finite options are refused, from any source
+    "learning-rate-inf": (["--learning_rate", "inf"], ["learning_rate", "'inf'", "finite"]),
+    "head-lr-inf": (["--head_learning_rate", "inf"], ["head_learning_rate", "finite"]),
+    "weight-decay-nan": (["--weight_decay", "nan"], ["weight_decay", "'nan'", "finite"]),
+    "cgc-lambda-inf": (["--cgc_lambda", "inf"], ["cgc_lambda", "'inf'", "finite"]),
+    # issue 13, item 10: one error line, before anything is written
+    "model-kwargs-list": (["--model_kwargs", "[1]"], ["model_kwargs", "'[1]'", "mapping"]),
+    "model-kwargs-unknown": (
+        ["--model_kwargs", '{"nope": 1}'],
+        ["model_kwargs", "'nope'", "'test_resnet'"],
+    ),
+    "synthetic-kwargs-list": (["--synthetic_kwargs", "[1]"], ["synthetic_kwargs", "mapping"]),
+    "synthetic-kwargs-unknown": (
+        ["--synthetic_kwargs", '{"nope": 1}'],
+        ["synthetic_kwargs", "['nope']", "num_classes"],
+    ),
+    "seed": (["--seed", "-1"], ["seed", "-1", ">= 0"]),
+    "image-size-0": (["--image_size", "0"], ["image_size", "0", "positive"]),
+    "image-size-negative": (["--image_size", "-32"], ["image_size", "-32", "positive"]),
+    "crop-ratio-inf": (["--crop_ratio", "0.5", "inf"], ["crop_ratio", "'inf'", "finite"]),
+    "config-folder": (["--config", "{folder}"], ["--config", "is a folder"]),
+    "push-offline": (["--push_to_hub"], ["push_to_hub", "cannot be created", "HF_HUB_OFFLINE"]),
 }
 
 
@@ -530,6 +552,26 @@ def test_bad_input_is_one_line_naming_argument_value_and_fix(
 
 
 @pytest.mark.slow
+def test_quoted_yaml_values_mean_what_they_say(recipe, tmp_path):
+    """Issue 13.2: `overwrite_output_dir: 'no'` keeps a finished run; 'false' / 1e-4 are typed."""
+    out = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text("no_cgc: 'false'\nlearning_rate: 1e-4\nmax_train_steps: 1\n")
+    recipe.main([*TINY, "--config", str(config), "--output_dir", str(out)])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["cgc_config"]["cgc_lambda"] > 0  # 'false' is false: the CGC run, not baseline
+    assert saved["training_arguments"]["learning_rate"] == 1e-4
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    config.write_text("overwrite_output_dir: 'no'\nmax_train_steps: 1\n")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(CGCError, match="already holds a finished run"):
+        recipe.main([*TINY, "--config", str(config), "--output_dir", str(out)])
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+
+
 def test_bad_input_through_the_command_line_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     proc = run_recipe(*TINY, "--train_crop_scale", "0", "1", "--output_dir", str(out), timeout=120)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from ..errors import CGCValueError
 from .base import BackboneAdapter, jsonable, pair
 
 if TYPE_CHECKING:
@@ -59,7 +60,16 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
             # pretrained_cfg keeps the registry's input size otherwise; the saved description
             # (and a plain-timm reader of it) should state the size the model was built for.
             kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *pair(kwargs["img_size"]))}
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as err:  # an argument the model's constructor does not take
+            if not model_kwargs or "argument" not in str(err):
+                raise
+            raise CGCValueError(
+                f"model_kwargs={dict(model_kwargs)!r} do not fit the timm model {name!r} "
+                f"({err}); pass only arguments its constructor takes (see "
+                f"timm.create_model({name!r}) and the model class's signature)."
+            ) from None
 
     def describe(
         self, model: nn.Module, model_kwargs: dict[str, Any]

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -275,6 +276,13 @@ def _resolve(
             return spec, _load_local(source, hub_options)
         if name == "synthetic":
             kwargs = {"seed": seed, **synthetic_kwargs}
+            known = inspect.signature(make_synthetic).parameters
+            unknown = sorted(set(kwargs) - set(known))
+            if unknown:
+                raise DataError(
+                    f"synthetic_kwargs has unknown keys {unknown}; allowed: "
+                    f"{sorted(k for k in known if k != 'seed')}."
+                )
             return spec, make_synthetic(**kwargs)
         return spec, _load_hub(spec.hub_id, name, hub_options)
     if os.path.isdir(name):
