@@ -21,9 +21,10 @@ from .evaluation import METRICS, Evaluation, Metric, paired_difference
 class EvaluationArguments:
     """Options of an evaluation of one or more models on one dataset (``recipes/evaluate.py``).
 
-    The data options are :class:`~cgc_hf.DataArguments`' (its reading fields); the seed and the
-    batch size mean what they mean in :class:`~cgc_hf.CGCTrainingArguments`, so the training
-    seed reproduces a run's ``metrics.json``.
+    The data options are :class:`~cgc_hf.DataArguments`' (its reading fields and
+    ``max_eval_samples``, the same seeded subset as in training); the seed and the batch size mean
+    what they mean in :class:`~cgc_hf.CGCTrainingArguments`, so the training seed reproduces a
+    run's ``metrics.json``.
     """
 
     model: str | None = field(
@@ -57,9 +58,6 @@ class EvaluationArguments:
     dataloader_num_workers: int = field(
         default=0, metadata={"help": "Worker processes loading the images."}
     )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N images of the split."}
-    )
     insertion_steps: int = field(
         default=0,
         metadata={
@@ -85,7 +83,6 @@ class EvaluationArguments:
         for name, low in (
             ("per_device_eval_batch_size", 1),
             ("dataloader_num_workers", 0),
-            ("max_eval_samples", 1),
             ("insertion_steps", 0),
             ("seed", 0),
             ("figure_images", 0),

@@ -19,11 +19,11 @@ Examples:
     python recipes/evaluate.py --model cgc-output/model --compare resnet18 --ignore_labels
 
 Flags: every field of ``cgc_hf.EvaluationArguments`` and the dataset-reading fields of
-``cgc_hf.DataArguments`` (as in finetune.py; ``--eval_split`` defaults to the split training
-evaluated on). Writes to ``--output_dir``: ``<name>/metrics.json`` per model (summaries and
-per-image values), ``comparison.json`` (all models, paired differences against the first) and
-``comparison.png`` (Grad-CAMs of every model on the same images). Expected failures end in one
-``error: ...`` line and exit code 2.
+``cgc_hf.DataArguments`` (as in finetune.py: ``--eval_split`` defaults to the split training
+evaluated on, ``--max_eval_samples`` takes the same seeded subset). Writes to ``--output_dir``:
+``<name>/metrics.json`` per model (summaries and per-image values), ``comparison.json`` (all
+models, paired differences against the first) and ``comparison.png`` (Grad-CAMs of every model on
+the same images). Expected failures end in one ``error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def build_parser() -> CGCArgumentParser:
         [
             ArgumentGroup("evaluation", EvaluationArguments),
             # How the dataset is read, exactly as finetune.py reads it: same classes, same split.
-            ArgumentGroup("data", DataArguments, LOAD_FIELDS),
+            ArgumentGroup("data", DataArguments, (*LOAD_FIELDS, "max_eval_samples")),
         ],
         description=__doc__.split("\n\n")[0],
     )
@@ -84,10 +84,10 @@ def run(args: EvaluationArguments, data_args: DataArguments) -> dict[str, Any]:
 
     # 3. The data: columns checked and labels made 0..K-1 as in training, so class indices
     #    mean what they meant there. The seed also fixes generated images and held-out slices.
-    splits = data_args.load_splits(seed=args.seed)
+    # --max_eval_samples picks the seeded subset finetune.py's flag picks. One class is enough
+    # when the labels are ignored (e.g. a folder of birds with masks).
+    splits = data_args.load_splits(seed=args.seed, min_classes=1 if args.ignore_labels else 2)
     rows = splits.eval
-    if args.max_eval_samples is not None:
-        rows = rows.select(range(min(args.max_eval_samples, len(rows))))
     for ref, model in zip(args.refs, models.values()):
         if model.num_labels != splits.num_labels and not args.ignore_labels:
             raise CGCValueError(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_recipe
@@ -99,7 +100,10 @@ def reference_correct(model_dir: Path) -> list[float]:
     rows = make_synthetic(seed=SEED, **SYNTH)["test"]
     transform = build_transform(model.config.data_config, train=False)
     out = []
-    for i in range(NUM_IMAGES):
+    # --max_eval_samples as in finetune.py (and transformers' example): a seeded random subset
+    # of the split, in dataset order.
+    subset = sorted(np.random.default_rng(SEED).permutation(len(rows))[:NUM_IMAGES].tolist())
+    for i in subset:
         row = rows[i]
         x = transform(row["image"].convert("RGB"))[None]  # (1, 3, 64, 64)
         with torch.no_grad():
