@@ -169,14 +169,11 @@ class CGCModel(CGCHubMixin, nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of the classifier head (empty when the backbone names none)."""
-        backbone = self.backbone
         if self.target.linear_head:
-            head = backbone.get_submodule(self.target.linear_head)
-        elif hasattr(backbone, "get_classifier"):
-            head = backbone.get_classifier()
+            heads = [self.backbone.get_submodule(self.target.linear_head)]
         else:
-            head = getattr(backbone, "classifier", None)
-        return list(head.parameters()) if isinstance(head, nn.Module) else []
+            heads = self.adapter.classifier(self.backbone)
+        return [p for head in heads for p in head.parameters()]
 
     # ------------------------------------------------------------------------------ forward
     def _logits(self, pixel_values: Tensor) -> Tensor:

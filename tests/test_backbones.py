@@ -196,3 +196,22 @@ def test_folder_with_custom_code_is_refused_without_a_prompt(tmp_path, monkeypat
     with pytest.raises(CGCValueError, match="trust_remote_code=True is not supported"):
         CGCModel.from_backbone(str(folder), model_kwargs={"trust_remote_code": True})
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "heads"),
+    [("resnet", ["classifier.1"]), ("deit", ["cls_classifier", "distillation_classifier"])],
+)
+def test_classifier_of_transformers_models(key, heads):
+    backbone = tiny_hf_backbone(key)
+    found = adapter_for(backbone).classifier(backbone)
+    names = {id(m): n for n, m in backbone.named_modules()}
+    assert [names[id(m)] for m in found] == heads
+
+
+def test_head_parameters_are_the_classifiers():
+    timm_model = CGCModel.from_backbone(tiny_hf_backbone("timm_wrapper"))
+    fc = timm_model.backbone.timm_model.fc
+    assert {id(p) for p in timm_model.head_parameters()} == {id(fc.weight), id(fc.bias)}
+    deit = CGCModel.from_backbone(tiny_hf_backbone("deit"))
+    assert len(deit.head_parameters()) == 4  # two heads, weight and bias each

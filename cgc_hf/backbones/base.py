@@ -77,6 +77,10 @@ class BackboneAdapter(ABC):
         """Record class names on the model where its library keeps them (timm keeps none)."""
 
     @abstractmethod
+    def classifier(self, model: nn.Module) -> list[nn.Module]:
+        """The module(s) that map features to class logits (several for DeiT with teacher)."""
+
+    @abstractmethod
     def reset_head(self, model: nn.Module, num_labels: int) -> None:
         """Replace the classifier by a new one with ``num_labels`` outputs."""
 

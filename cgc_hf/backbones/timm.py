@@ -101,6 +101,12 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
     def num_labels(self, model: nn.Module) -> int:
         return int(model.num_classes)
 
+    def classifier(self, model: nn.Module) -> list[nn.Module]:
+        head = model.get_classifier()
+        if isinstance(head, (tuple, list)):  # distilled models: (head, head_dist)
+            return [h for h in head if isinstance(h, nn.Module)]
+        return [head] if isinstance(head, nn.Module) else []
+
     def reset_head(self, model: nn.Module, num_labels: int) -> None:
         model.reset_classifier(num_labels)
 

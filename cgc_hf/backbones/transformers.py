@@ -151,13 +151,14 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         model.config.id2label = dict(id2label)
         model.config.label2id = {v: k for k, v in id2label.items()}
 
+    def classifier(self, model: nn.Module) -> list[nn.Module]:
+        timm_model = getattr(model, "timm_model", None)
+        if isinstance(timm_model, nn.Module):
+            return _TIMM.classifier(timm_model)
+        return [m for _, m in _heads(model)]
+
     def reset_head(self, model: nn.Module, num_labels: int) -> None:
-        old = model.config.num_labels
-        heads = [
-            (n, m)
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.out_features == old
-        ]
+        heads = _heads(model)
         if not heads:
             raise CGCValueError(
                 f"cannot find the classifier of {type(model).__name__} to resize it to "
@@ -221,6 +222,16 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         if not name or os.path.exists(name) or name.count("/") != 1:
             return None  # a local folder or an unnamed instance: no Hub page to link
         return name
+
+
+def _heads(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The Linear layers with ``num_labels`` outputs: the classifier (DeiT with teacher has two)."""
+    n = model.config.num_labels
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m.out_features == n
+    ]
 
 
 def instance_image_size(model: nn.Module) -> tuple[int, int] | None:
