@@ -5,7 +5,11 @@ one probe forward records every module's output in execution order, one backward
 of them receive gradient from the class score, and the last spatial map (or token sequence whose
 tokens form a grid) that does is the target. Class-token ViTs, whose last-block patch tokens get
 no gradient, thus resolve to the last block's first norm; Swin (NHWC) and DINOv2 to their last
-stage. A user may name any module instead; it is checked the same way.
+stage. Layers that receive gradient but whose probe heatmap is flat, or the same for different
+images (a pooled vector spread back over the grid), come last, as do maps without the class token
+once the sequence carries one (projections inside a class-token block, as in CvT's last stage),
+so class attention and late class tokens are followed back to the last spatial map the score
+reads. A user may name any module instead; it is checked the same way.
 """
 
 from __future__ import annotations

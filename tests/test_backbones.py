@@ -73,12 +73,15 @@ def test_timm_instance_built_at_another_size_is_fed_that_size(name, kwargs, size
     assert tuple(tf(Image.new("RGB", (90, 70))).shape) == (3, size, size)
 
 
-def test_timm_instance_that_accepts_any_size_keeps_the_pretrained_size():
-    backbone = timm.create_model(
+def test_timm_instance_that_declares_no_size_keeps_the_pretrained_size():
+    # a CNN runs at any size and was built without one: its pretrained preprocessing decides
+    cnn = timm.create_model("resnet10t", num_classes=3)
+    assert CGCModel.from_backbone(cnn).config.data_config["input_size"] == [3, 176, 176]
+    # a ViT that takes any size but was built for 64 px is fed 64 px
+    vit = timm.create_model(
         "vit_tiny_patch16_224", img_size=64, dynamic_img_size=True, depth=1, num_classes=3
     )
-    model = CGCModel.from_backbone(backbone)
-    assert list(model.config.data_config["input_size"]) == [3, 224, 224]
+    assert CGCModel.from_backbone(vit).config.data_config["input_size"] == [3, 64, 64]
 
 
 def test_transformers_size_from_config_and_from_a_nested_vision_config():

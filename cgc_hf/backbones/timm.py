@@ -181,20 +181,19 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
 
 
 def instance_input_size(model: nn.Module) -> tuple[int, int] | None:
-    """The input size ``model`` was built for, or ``None`` when it accepts any size.
+    """The input size ``model`` was built for, or ``None`` when it declares none.
 
-    timm records an instance's own size (``img_size=...``) apart from the pretrained config, and
-    resolves the input of a fixed-size model from it; a flexible model (CNNs, ViTs built with
-    ``dynamic_img_size=True``) keeps the pretrained resolution.
+    timm records an instance's own size (``img_size=...``, or the pretrained size of a model
+    whose input size is fixed) apart from its pretrained config; a model built without one
+    (CNNs, which run at any size) keeps the pretrained resolution.
     """
     try:
-        from timm.data.model_config import resolve_input_data_config
-        from timm.models import get_model_input_config
+        from timm.models import get_model_input_config, get_model_traits
     except ImportError:  # timm before the instance traits: read the patch embedding
         return _patch_embed_size(model)
-    if not get_model_input_config(model)["fixed_input_size"]:
+    if get_model_traits(model).get("img_size") is None:
         return None
-    return pair(tuple(resolve_input_data_config(model)["input_size"])[-2:])
+    return pair(tuple(get_model_input_config(model)["input_size"])[-2:])
 
 
 def _patch_embed_size(model: nn.Module) -> tuple[int, int] | None:
