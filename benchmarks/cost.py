@@ -9,14 +9,20 @@ one process (median of several steps after warm-up):
 * ``naive``: the cost profile of the paper's reference implementation, written here from its
   description: three forward passes (a separate CE crop, the original, the augmented view),
   heatmaps by autograd upsampled to input size, warped per sample in a Python loop, and InfoNCE
-  at input resolution.
+  at input resolution;
+* ``cgc_whole`` (on request): ``cgc`` with a class-token ViT differentiated whole instead of
+  through :class:`cgc_hf.readout.ClassTokenReadout`, to show what the readout saves.
+
+The default models are one per heatmap path: ResNet-50 (closed form), ConvNeXt-Tiny (pool, norm,
+linear), Swin-T (NHWC), ViT-S/16 (class token), ViT-S/16 with average pooling, and a transformers
+ViT-S/16 built from its config.
 
 Peak memory is measured per mode in a fresh subprocess: on CUDA ``max_memory_allocated``; on CPU
 the peak resident memory of the training steps (the kernel's peak mark is reset after the model
 is built) minus the resident memory before the first step.
 
 Usage:
-    python benchmarks/cost.py                      # resnet50 and vit_small at 224 px, batch 8
+    python benchmarks/cost.py                      # the six default models at 224 px, batch 8
     python benchmarks/cost.py --models resnet18 --image_size 64 --steps 3   # a quick look
     python benchmarks/cost.py --batch_sizes 8 16 32 --modes cgc             # throughput
 """
@@ -38,12 +44,56 @@ import torch.nn.functional as F
 from cgc_hf import CGCLoss, CGCModel, combine, sample_crop_flip, warp
 from cgc_hf.targets import capture, to_nchw
 
-MODES = ("ce2", "cgc", "naive")
+MODES = ("ce2", "cgc", "naive", "cgc_whole")
+
+
+# One model per heatmap path. A name here is a preset; any other name is a timm model name.
+PRESETS: dict[str, tuple[str, dict]] = {
+    # class token read through the last block: second-order pass through that block
+    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
+    # average of the patch tokens, then a LayerNorm (fc_norm) and the head: gradient at the layer
+    "vit_small_patch16_224_avg": (
+        "vit_small_patch16_224",
+        {"global_pool": "avg", "class_token": False, "fc_norm": True},
+    ),
+    # transformers ViT-S/16 (class token, eager attention), built from its config
+    "hf_vit_small": (
+        "hf:vit",
+        {
+            "hidden_size": 384,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 6,
+            "intermediate_size": 1536,
+            "patch_size": 16,
+        },
+    ),
+}
+DEFAULT_MODELS = [
+    "resnet50",  # global-average-pool + linear head: closed-form heatmap
+    "convnext_tiny",  # pool, LayerNorm, linear: autograd heatmap, no closed form
+    "swin_tiny_patch4_window7_224",  # NHWC layer
+    "vit_small_patch16_224",
+    "vit_small_patch16_224_avg",
+    "hf_vit_small",
+]
 
 
 def build(name: str, image_size: int, device: str) -> CGCModel:
-    kwargs = {"img_size": image_size} if "vit" in name or "swin" in name else {}
-    model = CGCModel.from_backbone(name, num_labels=200, pretrained=False, model_kwargs=kwargs)
+    """A random-init model with 200 classes (no download); ``name`` is a preset or a timm name."""
+    arch, kwargs = PRESETS.get(name, (name, {}))
+    kwargs = dict(kwargs)
+    if arch.startswith("hf:"):
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        config = AutoConfig.for_model(arch[3:], num_labels=200, image_size=image_size, **kwargs)
+        backbone = AutoModelForImageClassification.from_config(config, attn_implementation="eager")
+        model = CGCModel.from_backbone(backbone, input_size=image_size)
+    else:
+        if any(k in arch for k in ("vit", "swin", "deit", "eva")):
+            kwargs["img_size"] = image_size
+        model = CGCModel.from_backbone(
+            arch, num_labels=200, pretrained=False, model_kwargs=kwargs, input_size=image_size
+        )
     return model.to(device).train()
 
 
@@ -55,6 +105,15 @@ def step_ce2(model: CGCModel, x, labels, t) -> torch.Tensor:
 
 def step_cgc(model: CGCModel, x, labels, t) -> torch.Tensor:
     return model(x, labels=labels, geometry=t)["loss"]
+
+
+def step_cgc_whole(model: CGCModel, x, labels, t) -> torch.Tensor:
+    """CGC with a class-token ViT differentiated whole instead of through its readout slice."""
+    readout, model._readout = model._readout, None
+    try:
+        return model(x, labels=labels, geometry=t)["loss"]
+    finally:
+        model._readout = readout
 
 
 def _loop_warp(maps: torch.Tensor, t, size: int) -> torch.Tensor:
@@ -101,7 +160,7 @@ def step_naive(model: CGCModel, x, labels, t) -> torch.Tensor:
     return loss + cfg.cgc_lambda * CGCLoss(cfg.temperature)(cam_aug[:, 0], cam_pos)
 
 
-STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive}
+STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive, "cgc_whole": step_cgc_whole}
 
 
 def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None):
@@ -215,8 +274,8 @@ def measure_memory(args, name: str, mode: str, batch: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="presets or timm names")
+    p.add_argument("--modes", nargs="+", default=["ce2", "cgc", "naive"], choices=MODES)
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[8])
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 1 warm-up)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,8 @@ from .config import IGNORE_INDEX, CGCConfig
 from .errors import CGCValueError
 from .hub import CGCHubMixin
 from .loss import CGCLoss
-from .targets import TargetLayer, capture, get_module, resolve_target, to_nchw
+from .readout import ClassTokenReadout
+from .targets import Capture, TargetLayer, capture, get_module, resolve_target, to_nchw
 from .weights import load_weights
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         if config.target is None:
             config.target = self._resolve_target(config.target_layer).to_dict()
         self.target = TargetLayer.from_dict(config.target)
+        self._readout = self._class_token_readout()
         self._warned_single = False
         # Share of cgc_lambda applied: a trainer's warm-up ramps it from 0 to 1.
         self.cgc_weight = 1.0
@@ -149,7 +152,24 @@ class CGCModel(CGCHubMixin, nn.Module):
         self.target = self._resolve_target(name)
         self.config.target_layer = name
         self.config.target = self.target.to_dict()
+        self._readout = self._class_token_readout()
         return self.target
+
+    def _class_token_readout(self) -> ClassTokenReadout | None:
+        if ClassTokenReadout.supports(self.backbone, self.target.name):
+            return ClassTokenReadout(self.backbone)
+        return None
+
+    @contextmanager
+    def _capture(self, make_leaf: bool = False) -> Iterator[tuple[Capture, Capture | None]]:
+        """Record the target layer's output and, for a class-token ViT, the class token that
+        enters its last block (what :class:`ClassTokenReadout` needs)."""
+        with capture(self.backbone, self.target.name, make_leaf=make_leaf) as cap:
+            if self._readout is None:
+                yield cap, None
+                return
+            with self._readout.capture() as token:
+                yield cap, token
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -220,14 +240,14 @@ class CGCModel(CGCHubMixin, nn.Module):
             )
         x_aug = warp(pixel_values, geometry.to(pixel_values.device))  # (B, 3, H, W)
         # One pass over both views keeps a single forward/backward for DDP and FSDP.
-        with capture(self.backbone, self.target.name) as cap:
+        with self._capture() as (cap, token):
             logits_all = self._logits(torch.cat([pixel_values, x_aug]))  # (2B, K)
         logits, logits_aug = logits_all.split(b)  # (B, K) each
         classes = logits.detach().argmax(1)  # (B,) the paper explains the predicted class
         if cfg.cam_target == "label" and labels is not None:
             classes = torch.where(labels >= 0, labels, classes)
         cams = self._heatmaps(
-            cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), create_graph=True
+            cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), True, token
         )  # (2B, h', w')
         cam, cam_aug = cams.split(b)
         cam_pos, cam_aug = align_heatmaps(cam, cam_aug, geometry, cfg.compare_size)  # (B, S, S)
@@ -279,12 +299,21 @@ class CGCModel(CGCHubMixin, nn.Module):
         classes: Tensor,
         image_size: tuple[int, int],
         create_graph: bool,
+        class_token: Capture | None = None,
     ) -> Tensor:
-        """Heatmaps ``(B, h, w)`` from the captured layer output and the logits of the same pass."""
+        """Heatmaps ``(B, h, w)`` from the captured layer output and the logits of the same pass.
+
+        ``class_token`` (a class-token ViT's token entering the last block) lets the logits be
+        recomputed from only the slice of the last block the class score reads: the same
+        gradient, with a far smaller second-order graph (see :mod:`cgc_hf.readout`).
+        """
         feats = to_nchw(activations, self.target, image_size)  # (B, C, h, w)
         if self.target.linear_head is not None:
             weight = get_module(self.backbone, self.target.linear_head).weight  # (K, C)
             return linear_head_cam(feats.float(), weight.float(), classes)
+        token = class_token.tensor if class_token is not None else None
+        if token is not None and self._readout.deterministic():
+            logits = self._readout(activations, token)  # (B, K)
         (grads,) = torch.autograd.grad(
             class_scores(logits, classes), activations, create_graph=create_graph
         )
@@ -310,7 +339,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         Returns:
             Non-negative heatmaps ``(B, h, w)``.
         """
-        with torch.enable_grad(), capture(self.backbone, self.target.name, make_leaf=True) as cap:
+        with torch.enable_grad(), self._capture(make_leaf=True) as (cap, token):
             logits = self._logits(pixel_values)  # (B, K)
             if classes is None:
                 classes = logits.detach().argmax(1)
@@ -320,6 +349,7 @@ class CGCModel(CGCHubMixin, nn.Module):
                 classes.to(logits.device),
                 tuple(pixel_values.shape[-2:]),
                 create_graph,
+                token,
             )  # (B, h, w)
         if size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
