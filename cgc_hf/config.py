@@ -215,7 +215,17 @@ class CGCConfig:
 
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = (
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "one_cycle",
+)
+"""transformers' ``get_scheduler`` names that need no extra arguments, and ``one_cycle``."""
 PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -261,13 +271,22 @@ class CGCTrainingArguments:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     lr_scheduler_type: str = field(
         default="cosine",
-        metadata={"help": "Learning-rate schedule after warmup: 'cosine', 'linear', 'constant'."},
+        metadata={
+            "help": "Learning-rate schedule after warmup: transformers' names (cosine, linear, "
+            "constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt) or "
+            "one_cycle (torch's OneCycleLR: warmup over warmup_steps / warmup_ratio, default "
+            "30%, then cosine annealing). 'constant' with a warmup is constant_with_warmup."
+        },
     )
     warmup_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of the optimizer steps used for linear warmup."}
     )
     warmup_steps: int = field(
-        default=0, metadata={"help": "Warmup steps; overrides warmup_ratio when > 0."}
+        default=0,
+        metadata={
+            "help": "Warmup steps; overrides warmup_ratio when > 0.",
+            "aliases": ["--num_warmup_steps"],
+        },
     )
     num_train_epochs: int = field(
         default=3, metadata={"help": "Passes over the labeled data (unless max_train_steps)."}
@@ -277,7 +296,12 @@ class CGCTrainingArguments:
         metadata={"help": "Total optimizer steps; overrides num_train_epochs when set."},
     )
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches accumulated per optimizer step."}
+        default=1,
+        metadata={
+            "help": "Batches accumulated per optimizer step. The CGC term's InfoNCE negatives "
+            "are the other images of each micro-batch, so accumulation is not the same as a "
+            "larger batch for CGC (cross-entropy is)."
+        },
     )
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping norm; None or 0 disables clipping."}

@@ -31,3 +31,13 @@ def test_first_lines_are_the_two_setup_commands():
     assert lines[1] == "HF_HUB_OFFLINE=1 python -m pytest"
     ci = (README.parent / ".ci" / "run").read_text()
     assert "README.md" in ci  # CI runs these two lines from the README itself
+
+
+def test_reliability_section_names_tests_that_exist():
+    text = README.read_text()
+    section = text[text.index("## Resuming and troubleshooting") : text.index("## Citation")]
+    named = re.findall(r"`(test_\w+)(?:::(test_\w+))?`", section)
+    assert len(named) > 20
+    for module, test in named:
+        source = (README.parent / "tests" / f"{module}.py").read_text()
+        assert not test or f"def {test}(" in source, f"{module}::{test}"

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,6 +219,49 @@ def test_kill_9_at_random_points_repeatedly(tmp_path, reference):
         done = run_recipe(*argv)
         assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_random_kills_and_damaged_checkpoints_end_exact_or_name_the_damage(tmp_path, reference):
+    """Issue 13: kill -9 at seeded random points, damage a random file of the latest checkpoint;
+    every resume ends bit-identical to the uninterrupted run or stops naming what is damaged,
+    and a file the run did not write is never deleted."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = [*RESUMABLE, "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+    rng = random.Random(11)
+    for attempt in range(4):
+        proc, marker, log = start_with_fault(tmp_path, "slow", attempt, argv)
+        deadline = time.monotonic() + 180
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 2.0))
+        if proc.poll() is None:
+            kill_9(proc, log)
+        else:
+            log.close()
+            text = (tmp_path / f"log-slow-{attempt}.txt").read_text()
+            if proc.returncode == 2:  # refused: it must name the damaged checkpoint and file
+                assert "damaged" in text and "checkpoints" in text, text[-2000:]
+                shutil.rmtree(latest_checkpoint(out))  # what a user would do with it
+            else:
+                assert proc.returncode == 0, text[-3000:]
+                break
+        latest = latest_checkpoint(out)
+        if latest is not None and rng.random() < 0.6:
+            victim = rng.choice(sorted(p for p in latest.iterdir() if p.is_file()))
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    metrics = out / "metrics.json"
+    while not (metrics.exists() and "final" in json.loads(metrics.read_text())):
+        done = run_recipe(*argv)
+        if done.returncode == 2 and "damaged" in done.stderr:
+            shutil.rmtree(latest_checkpoint(out))
+            continue
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(out, reference)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # ---------------------------------------------------------------------------------- in-process

@@ -391,3 +391,53 @@ def test_cgc_warmup_ramps_the_cgc_weight_linearly(tmp_path):
     assert seen[0][3] == pytest.approx(seen[0][1])  # the first step is cross-entropy alone
     with pytest.raises(CGCValueError, match="cgc_warmup_steps"):
         CGCTrainingArguments(output_dir=str(tmp_path), cgc_warmup_steps=-1)
+
+
+# ---------------------------------------------------------------------------------- issue 12
+@pytest.mark.parametrize("kind", ["constant", "constant_with_warmup", "one_cycle", "polynomial"])
+def test_scheduler_names_and_warmup_is_kept(tmp_path, kind):
+    args = args_for(tmp_path, lr_scheduler_type=kind, warmup_steps=2, max_train_steps=6)
+    trainer = CGCTrainer(tiny_model(), args, Tiny(8))
+    first = trainer.scheduler.get_last_lr()[0]
+    assert first < 1e-4  # warming up, not at the peak (transformers' "constant" would be)
+    trainer.train()
+    with pytest.raises(CGCValueError, match="lr_scheduler_type"):
+        CGCTrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine-ish")
+
+
+def test_no_weight_decay_names_of_timm_are_not_decayed(tmp_path):
+    torch.manual_seed(0)
+    vit = CGCModel.from_backbone(
+        "vit_tiny_patch16_224",
+        num_labels=3,
+        pretrained=False,
+        model_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2),
+    )
+    trainer = CGCTrainer(vit, args_for(tmp_path, weight_decay=0.1), Tiny(8))
+    decay = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    names = dict(vit.backbone.named_parameters())
+    assert {"pos_embed", "cls_token"} <= vit.backbone.no_weight_decay()
+    assert decay[id(names["pos_embed"])] == 0.0 and decay[id(names["cls_token"])] == 0.0
+    assert decay[id(names["patch_embed.proj.weight"])] == 0.1
+
+
+def test_mixed_precision_follows_accelerate_configuration(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets
+    trainer = CGCTrainer(tiny_model(), args_for(tmp_path), Tiny(8))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    explicit = CGCTrainer(tiny_model(), args_for(tmp_path, mixed_precision="no"), Tiny(8))
+    assert explicit.accelerator.mixed_precision == "no"  # a flag still wins
+
+
+def test_max_grad_norm_none_and_num_warmup_steps_flags():
+    from cgc_hf import ArgumentGroup, CGCArgumentParser
+
+    parser = CGCArgumentParser([ArgumentGroup("training", CGCTrainingArguments)], prog="x")
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--max_grad_norm", "None", "--num_warmup_steps", "5"]
+    )
+    assert args.max_grad_norm is None and args.warmup_steps == 5
