@@ -333,6 +333,23 @@ class CGCTrainingArguments:
             "run's (args.json then records both); without it such a resume is refused."
         },
     )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Metric that picks the best evaluation, e.g. 'accuracy' or "
+            "'eval_content_heatmap' (default with load_best_model_at_end: accuracy)."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None,
+        metadata={"help": "Whether a larger metric is better (default: the metric's own)."},
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the best evaluation's checkpoint and make its weights the final model."
+        },
+    )
     report_to: str = field(
         default="none",
         metadata={"help": "Trackers: 'none', 'all', or a comma list such as 'tensorboard,wandb'."},
@@ -442,11 +459,27 @@ class CGCTrainingArguments:
             self.checkpointing_steps,
             "'epoch', a positive integer, or None (no intermediate checkpoints)",
         )
+        self._check_best_model()
         self._check_trackers()
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise CGCValueError(
                 f"overwrite_output_dir=True deletes the checkpoints that resume_from_checkpoint="
                 f"{self.resume_from_checkpoint!r} would resume from; pass only one of them."
+            )
+
+    def _check_best_model(self) -> None:
+        from .evaluation import METRICS, PREFIX
+
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "accuracy"
+        name = self.metric_for_best_model
+        if name is not None:
+            keys = [m.key for m in METRICS]
+            _check(
+                name.removeprefix(PREFIX) in keys,
+                "metric_for_best_model",
+                name,
+                tuple(keys),
             )
 
     def _check_trackers(self) -> None:

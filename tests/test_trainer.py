@@ -441,3 +441,32 @@ def test_max_grad_norm_none_and_num_warmup_steps_flags():
         ["--max_grad_norm", "None", "--num_warmup_steps", "5"]
     )
     assert args.max_grad_norm is None and args.warmup_steps == 5
+
+
+def test_load_best_model_at_end_keeps_and_reports_the_best_evaluation(tmp_path):
+    from safetensors.torch import load_file
+
+    args = args_for(
+        tmp_path,
+        max_train_steps=5,
+        eval_steps=1,
+        checkpointing_steps=1,
+        checkpoints_total_limit=1,
+        metric_for_best_model="consistency",
+        load_best_model_at_end=True,
+        learning_rate=0.05,
+    )
+    model = tiny_model()
+    metrics = CGCTrainer(model, args, Tiny(8), Tiny(6, seed=5, mask=True)).train()
+    out = tmp_path / "run"
+    evals = json.loads((out / "metrics.json").read_text())["evaluations"]
+    best = max(evals, key=lambda e: e["eval_consistency"])
+    assert metrics["best_step"] == best["step"]
+    assert metrics["eval_consistency"] == best["eval_consistency"]
+    kept = {p.name for p in complete_checkpoints(out)}
+    assert f"step_{best['step']}" in kept  # never pruned, whatever the limit
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    at_best = load_file(str(out / "checkpoints" / f"step_{best['step']}" / "model.safetensors"))
+    assert all(torch.equal(saved[k], at_best[k]) for k in at_best)
+    with pytest.raises(CGCValueError, match="metric_for_best_model"):
+        CGCTrainingArguments(output_dir=str(tmp_path), metric_for_best_model="acuracy")

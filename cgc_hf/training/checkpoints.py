@@ -49,6 +49,8 @@ class TrainerState:
     loss_sum: float = 0.0  # over finite batches since step 0: a resumed run reports the same mean
     loss_batches: int = 0
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None  # of metric_for_best_model, at best_step
+    best_step: int | None = None
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -84,6 +86,7 @@ class CheckpointManager:
         self.root = self.output_dir / "checkpoints"
         self.accelerator = accelerator
         self.total_limit = total_limit
+        self.keep: Path | None = None  # the best model's checkpoint, kept from pruning
 
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.output_dir)
@@ -135,11 +138,12 @@ class CheckpointManager:
         return final
 
     def prune(self) -> None:
-        """Delete the oldest complete checkpoints beyond ``total_limit``."""
+        """Delete the oldest complete checkpoints beyond ``total_limit`` (never ``self.keep``)."""
         if self.total_limit is None:
             return
         for old in self.complete()[: -self.total_limit]:
-            shutil.rmtree(old)
+            if old != self.keep:
+                shutil.rmtree(old)
 
     def clean_partial(self) -> None:
         """Remove checkpoints that were interrupted while saving (they have no marker)."""

@@ -20,10 +20,12 @@ def write_figure(
     dataset: Dataset,
     collate: Any,
     images: int,
-    path: Path,
+    output_dir: Path,
     step: int,
 ) -> Path | None:
-    """Heatmaps of the first ``images`` eval images at ``path`` (None without matplotlib).
+    """Heatmaps of the first ``images`` eval images, as ``output_dir/figures/step_<step>.png``.
+
+    Returns the file, or None without matplotlib (an optional dependency).
 
     The first images of the eval set, whatever the number of processes; the model is explained in
     eval mode and its mode restored.
@@ -35,6 +37,7 @@ def write_figure(
         return None
     import matplotlib.pyplot as plt
 
+    path = output_dir / "figures" / f"step_{step}.png"
     batch = collate([dataset[i] for i in range(min(images, len(dataset)))])
     batch = {k: v.to(accelerator.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CGCError, CGCMemoryError, CGCValueError, CheckpointError
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteWindow:
@@ -151,3 +154,18 @@ def check_negatives(model: Any, args: Any, has_unlabeled: bool, num_processes: i
             "per step, and the CGC loss needs other images as negatives; use a batch size "
             ">= 2, add unlabeled data, or set cgc_lambda=0 for plain fine-tuning."
         )
+
+
+def count_nonfinite(state: Any, args: Any, accelerator: Any) -> None:
+    """Count a skipped (non-finite) optimizer step in ``state``, and say so."""
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    logger.warning(
+        "non-finite loss at step %d: update skipped (%d in a row, %d in total; the run stops "
+        "after %d in a row)",
+        state.global_step,
+        state.nonfinite_in_row,
+        state.nonfinite_total,
+        args.max_nonfinite_steps,
+    )
+    accelerator.log({"train/nonfinite_steps": state.nonfinite_total}, step=state.global_step)

@@ -30,12 +30,14 @@ from ..errors import CGCValueError, CheckpointError
 from ..evaluation import evaluate
 from ..modeling import CGCModel
 from .accelerator import make_accelerator
+from .best import BestModel
 from .checkpoints import CheckpointManager, TrainerState
 from .figures import write_figure
 from .guards import (
     NonFiniteWindow,
     all_finite,
     check_negatives,
+    count_nonfinite,
     is_write_error,
     nonfinite_stop,
     out_of_memory_advice,
@@ -43,7 +45,7 @@ from .guards import (
     write_failure,
 )
 from .loaders import UnlabeledStream, merge, seeded_loader, steps_per_epoch, train_loader
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, cgc_ramp
 from .progress import RunningLoss, format_metrics
 from .resume import check_resume
 from .run_folder import RunFolder, resolved_config, save_final_model, tracker_config
@@ -134,6 +136,7 @@ class CGCTrainer:
         self.state = TrainerState()
         self.resume_changes: dict[str, list[Any]] = {}
         self.checkpoints = CheckpointManager(self.output_dir, acc, args.checkpoints_total_limit)
+        self.best = BestModel(args)
         # Last, once every argument is known to work: a bad one leaves no folder behind.
         self.run_folder = RunFolder(self.output_dir, acc)
         self.run_folder.prepare(args.overwrite_output_dir, args.resume_from_checkpoint)
@@ -173,19 +176,14 @@ class CGCTrainer:
             self._resolved(), resumed_from, self.state.global_step, self.resume_changes
         )
         state = self.state
-        logger.info(
-            "training %d optimizer steps (%d per epoch, %d processes)%s",
-            self.max_steps,
-            self.steps_per_epoch,
-            acc.num_processes,
-            f", resumed from {resumed_from}" if resumed_from else "",
-        )
+        resumed = f", resumed from {resumed_from}" if resumed_from else ""
+        msg = "training %d optimizer steps (%d per epoch, %d processes)%s"
+        logger.info(msg, self.max_steps, self.steps_per_epoch, acc.num_processes, resumed)
         bar = tqdm(
             total=self.max_steps,
             initial=state.global_step,
             desc="train",
             disable=not acc.is_local_main_process,
-            dynamic_ncols=True,
         )
         unlabeled = self.unlabeled.batches(state) if self.unlabeled is not None else None
         model = acc.unwrap_model(self.model)
@@ -205,7 +203,7 @@ class CGCTrainer:
                 pixel_values, labels = merge(batch, unlabeled)  # (B', 3, H, W), (B',)
                 self._running.images += pixel_values.shape[0] * acc.num_processes
                 window = window or NonFiniteWindow(self.model)
-                model.cgc_weight = self._cgc_weight()
+                model.cgc_weight = cgc_ramp(state.global_step, args.cgc_warmup_steps)
                 with acc.accumulate(self.model), out_of_memory_advice(args):
                     out = self.model(pixel_values, labels=labels)
                     finite = all_finite(out["loss"], acc)
@@ -249,13 +247,6 @@ class CGCTrainer:
         train_loss = state.loss_sum / max(state.loss_batches, 1)
         return self._finish(train_loss, time.perf_counter() - t_start)
 
-    def _cgc_weight(self) -> float:
-        """Share of cgc_lambda at this step: the warm-up ramp, 0 at the first step, then 1."""
-        ramp = self.args.cgc_warmup_steps
-        if ramp == 0 or self.state.global_step >= ramp:
-            return 1.0
-        return self.state.global_step / ramp
-
     def _after_step(self, bar: Any) -> None:
         """Log, evaluate and checkpoint after an optimizer step, as the arguments ask."""
         args, state, run = self.args, self.state, self._running
@@ -286,19 +277,7 @@ class CGCTrainer:
 
     def _on_nonfinite(self) -> None:
         state, args = self.state, self.args
-        state.nonfinite_in_row += 1
-        state.nonfinite_total += 1
-        logger.warning(
-            "non-finite loss at step %d: update skipped (%d in a row, %d in total; the run stops "
-            "after %d in a row)",
-            state.global_step,
-            state.nonfinite_in_row,
-            state.nonfinite_total,
-            args.max_nonfinite_steps,
-        )
-        self.accelerator.log(
-            {"train/nonfinite_steps": state.nonfinite_total}, step=state.global_step
-        )
+        count_nonfinite(state, args, self.accelerator)
         if state.nonfinite_in_row < args.max_nonfinite_steps:
             return
         last = self.checkpoints.last_good()
@@ -318,23 +297,12 @@ class CGCTrainer:
             return {}
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
-        result = evaluate(
-            model,
-            self.eval_loader,
-            acc,
-            self.args.seed,
-            insertion_steps=self.args.eval_insertion_steps,
-        )
-        if self.args.figure_images and acc.is_main_process:
-            self.last_figure = write_figure(
-                acc,
-                model,
-                self.eval_loader.dataset,
-                self.collate,
-                self.args.figure_images,
-                self.output_dir / "figures" / f"step_{self.state.global_step}.png",
-                self.state.global_step,
-            ) or getattr(self, "last_figure", None)
+        steps, images = self.args.eval_insertion_steps, self.args.figure_images
+        result = evaluate(model, self.eval_loader, acc, self.args.seed, insertion_steps=steps)
+        if images and acc.is_main_process:
+            data, step = self.eval_loader.dataset, self.state.global_step
+            figure = write_figure(acc, model, data, self.collate, images, self.output_dir, step)
+            self.last_figure = figure or getattr(self, "last_figure", None)
         return result.scalars()
 
     def _evaluate_and_record(self) -> dict[str, float]:
@@ -348,6 +316,8 @@ class CGCTrainer:
         )
         logger.info("step %d: %s", state.global_step, format_metrics(metrics))
         self.run_folder.write_metrics(state.evaluations)
+        if self.best.update(state, metrics) and self.best.keep:
+            self.checkpoints.keep = self.save_checkpoint()
         return metrics
 
     # ------------------------------------------------------------------------------ state
@@ -366,6 +336,8 @@ class CGCTrainer:
                 saved, self._resolved(), path, self.args.allow_config_change
             )
             self.state = self.checkpoints.load(path)
+            if self.best.keep:
+                self.checkpoints.keep = self.best.checkpoint(self.state, self.checkpoints.root)
         return path
 
     def _finish(self, train_loss: float, runtime: float) -> dict[str, Any]:
@@ -375,7 +347,12 @@ class CGCTrainer:
             metrics = self._evaluate_and_record()
         else:
             metrics = {k: v for k, v in last.items() if k.startswith("eval_")}
+        if self.best.keep and state.best_step not in (None, state.global_step):
+            model = acc.unwrap_model(self.model)
+            best = self.best.load(model, state, self.checkpoints.root, acc.device)
+            metrics = {k: v for k, v in best.items() if k.startswith("eval_")}
         final: dict[str, Any] = {
+            **({"best_step": state.best_step} if self.best.key else {}),
             "train_loss": train_loss,
             "train_steps": state.global_step,
             "train_runtime": runtime,

@@ -98,3 +98,8 @@ def build_scheduler(
     return get_scheduler(
         kind, optimizer, num_warmup_steps=warmup * num_processes, num_training_steps=total
     )
+
+
+def cgc_ramp(step: int, ramp: int) -> float:
+    """Share of cgc_lambda at ``step`` of a ``ramp``-step warm-up: 0 at step 0, then linear to 1."""
+    return 1.0 if ramp == 0 or step >= ramp else step / ramp
