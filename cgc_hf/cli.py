@@ -99,7 +99,8 @@ class CGCArgumentParser(argparse.ArgumentParser):
             f = fields[name]
             kind = self._types[name] = types[name]
             default = f.default if f.default is not dataclasses.MISSING else None
-            help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+            # argparse %-formats help texts: a literal % must be doubled.
+            help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
             aliases = [str(a) for a in f.metadata.get("aliases", ())]
             choices = f.metadata.get("choices")
             if choices is not None:

@@ -136,3 +136,17 @@ def test_a_token_in_a_bad_command_line_is_not_echoed(capsys):
         parse("--hub_tok", secret)
     err = capsys.readouterr().err
     assert secret not in err and "--hub_tok" in err
+
+
+def test_help_of_every_argument_dataclass_formats():
+    from cgc_hf import METHOD_FIELDS, CGCConfig, DataArguments, HubArguments, ModelArguments
+
+    groups = [
+        ArgumentGroup("model", ModelArguments),
+        ArgumentGroup("data", DataArguments),
+        ArgumentGroup("method", CGCConfig, METHOD_FIELDS),
+        ArgumentGroup("training", CGCTrainingArguments),
+        ArgumentGroup("hub", HubArguments),
+    ]
+    text = CGCArgumentParser(groups, prog="x").format_help()  # a stray % would raise here
+    assert "--lr_scheduler_type" in text and "30%" in text
