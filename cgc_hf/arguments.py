@@ -1,7 +1,8 @@
 """Options of the recipes that are neither the method's nor the trainer's: the model, the Hub.
 
 Field names follow transformers' image-classification example (``--model_name_or_path``,
-``--model_revision``, ``--cache_dir``, ``--token``, ``--push_to_hub``), so its users' flags work.
+``--token``, ``--push_to_hub``, ``--trust_remote_code``, ``--ignore_mismatched_sizes``), so its
+users' flags work.
 """
 
 from __future__ import annotations
@@ -58,12 +59,6 @@ class ModelArguments:
     no_cgc: bool = field(
         default=False, metadata={"help": "cgc_lambda=0: the plain fine-tuning baseline."}
     )
-    model_revision: str | None = field(
-        default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."}
-    )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Where downloaded models and datasets are cached."}
-    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Refused: cgc_hf never runs code that comes with a model or dataset."},
@@ -103,7 +98,8 @@ class HubArguments:
     token: str | None = field(
         default=None,
         metadata={
-            "help": "Hub token (default: the cached login). Never saved or logged.",
+            "help": "Hub token of --push_to_hub (default: the cached login). Never saved or "
+            "logged.",
             "aliases": ["--hub_token"],
         },
     )
