@@ -23,6 +23,12 @@ DEFAULT_CROP_SCALE = (0.08, 1.0)
 DEFAULT_CROP_RATIO = (3 / 4, 4 / 3)
 """Aspect-ratio range of a random resized crop."""
 
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its ``--help`` text (and ``aliases`` / ``choices`` for the CLI)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 CAM_METHODS = ("grad_x_act", "gradcam")
 CAM_TARGETS = ("predicted", "label")
 LIBRARIES = ("timm", "transformers")
@@ -42,90 +48,62 @@ class CGCConfig:
     """
 
     # --- method ---------------------------------------------------------------------------
-    cgc_lambda: float = field(
-        default=0.5, metadata={"help": "Weight of the CGC term: loss = CE + lambda * L_CGC."}
+    cgc_lambda: float = option(0.5, "Weight of the CGC term: loss = CE + lambda * L_CGC.")
+    temperature: float = option(
+        0.5, "InfoNCE temperature over heatmap cosine similarities.", aliases=["--cgc_temperature"]
     )
-    temperature: float = field(
-        default=0.5,
-        metadata={
-            "help": "InfoNCE temperature over heatmap cosine similarities.",
-            "aliases": ["--cgc_temperature"],
-        },
+    cam_method: str = option(
+        "grad_x_act",
+        "Heatmap flavour: 'grad_x_act' (the paper's element-wise gradient x "
+        "activation) or 'gradcam' (gradients averaged over space, classic Grad-CAM).",
     )
-    cam_method: str = field(
-        default="grad_x_act",
-        metadata={
-            "help": "Heatmap flavour: 'grad_x_act' (the paper's element-wise gradient x "
-            "activation) or 'gradcam' (gradients averaged over space, classic Grad-CAM)."
-        },
+    cam_target: str = option(
+        "predicted",
+        "Class to explain during training: 'predicted' (argmax of the original "
+        "view, works for unlabeled rows) or 'label' (ground truth where known).",
     )
-    cam_target: str = field(
-        default="predicted",
-        metadata={
-            "help": "Class to explain during training: 'predicted' (argmax of the original "
-            "view, works for unlabeled rows) or 'label' (ground truth where known)."
-        },
+    compare_size: int = option(
+        56, "Side of the square grid on which heatmaps are compared in the loss."
     )
-    compare_size: int = field(
-        default=56,
-        metadata={"help": "Side of the square grid on which heatmaps are compared in the loss."},
+    crop_scale: tuple[float, float] = option(
+        DEFAULT_CROP_SCALE, "Area range of the random resized crop, as fractions of the image."
     )
-    crop_scale: tuple[float, float] = field(
-        default=DEFAULT_CROP_SCALE,
-        metadata={"help": "Area range of the random resized crop, as fractions of the image."},
+    crop_ratio: tuple[float, float] = option(
+        DEFAULT_CROP_RATIO, "Aspect-ratio range of the random resized crop."
     )
-    crop_ratio: tuple[float, float] = field(
-        default=DEFAULT_CROP_RATIO,
-        metadata={"help": "Aspect-ratio range of the random resized crop."},
-    )
-    flip_prob: float = field(
-        default=0.5, metadata={"help": "Probability of a horizontal flip in the CGC view."}
-    )
-    ce_on_augmented: bool = field(
-        default=True,
-        metadata={"help": "Also apply cross-entropy to the augmented view of labeled rows."},
+    flip_prob: float = option(0.5, "Probability of a horizontal flip in the CGC view.")
+    ce_on_augmented: bool = option(
+        True, "Also apply cross-entropy to the augmented view of labeled rows."
     )
     # --- model ----------------------------------------------------------------------------
-    library: str | None = field(
-        default=None, metadata={"help": "Backbone library: 'timm' or 'transformers'."}
+    library: str | None = option(None, "Backbone library: 'timm' or 'transformers'.")
+    architecture: str | None = option(
+        None, "timm model name, or transformers model class name of the backbone."
     )
-    architecture: str | None = field(
-        default=None,
-        metadata={"help": "timm model name, or transformers model class name of the backbone."},
+    backbone_config: dict[str, Any] | None = option(
+        None, "Everything needed to rebuild the backbone without downloading it."
     )
-    backbone_config: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Everything needed to rebuild the backbone without downloading it."},
+    num_labels: int | None = option(None, "Number of classes.")
+    id2label: dict[int, str] | None = option(None, "Class index -> class name.")
+    target_layer: str | None = option(
+        None, "Module name of the Grad-CAM layer; resolved automatically if unset."
     )
-    num_labels: int | None = field(default=None, metadata={"help": "Number of classes."})
-    id2label: dict[int, str] | None = field(
-        default=None, metadata={"help": "Class index -> class name."}
+    target: dict[str, Any] | None = option(
+        None, "Resolved target-layer description (set by CGCModel)."
     )
-    target_layer: str | None = field(
-        default=None,
-        metadata={"help": "Module name of the Grad-CAM layer; resolved automatically if unset."},
+    data_config: dict[str, Any] | None = option(
+        None, "Input size, mean, std, interpolation the backbone was trained with."
     )
-    target: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Resolved target-layer description (set by CGCModel)."}
+    input_size: tuple[int, int] | None = option(
+        None,
+        "(height, width) of the images the model is trained and evaluated at; "
+        "overrides the backbone's own input size in data_config (convolutional models take "
+        "any size).",
     )
-    data_config: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "Input size, mean, std, interpolation the backbone was trained with."},
-    )
-    input_size: tuple[int, int] | None = field(
-        default=None,
-        metadata={
-            "help": "(height, width) of the images the model is trained and evaluated at; "
-            "overrides the backbone's own input size in data_config (convolutional models take "
-            "any size)."
-        },
-    )
-    base_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id of the pretrained weights the backbone started from (None: random "
-            "init, or not known for a model passed as an instance)."
-        },
+    base_model: str | None = option(
+        None,
+        "Hub id of the pretrained weights the backbone started from (None: random "
+        "init, or not known for a model passed as an instance).",
     )
 
     def __post_init__(self) -> None:
@@ -238,150 +216,102 @@ class CGCTrainingArguments:
         ...                             learning_rate=1e-4, head_learning_rate=1e-3)
     """
 
-    output_dir: str = field(
-        default="cgc-output", metadata={"help": "Where arguments, metrics, checkpoints go."}
+    output_dir: str = option("cgc-output", "Where arguments, metrics, checkpoints go.")
+    overwrite_output_dir: bool = option(
+        False, "Replace a previous run in output_dir (otherwise it is refused)."
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a previous run in output_dir (otherwise it is refused)."},
+    per_device_train_batch_size: int = option(
+        16, "Labeled images per device and step (>= 2 for CGC: negatives)."
     )
-    per_device_train_batch_size: int = field(
-        default=16,
-        metadata={"help": "Labeled images per device and step (>= 2 for CGC: negatives)."},
+    per_device_eval_batch_size: int = option(32, "Images per device and evaluation batch.")
+    unlabeled_batch_size: int | None = option(
+        None, "Unlabeled images per device and step (default: the train batch size)."
     )
-    per_device_eval_batch_size: int = field(
-        default=32, metadata={"help": "Images per device and evaluation batch."}
+    learning_rate: float = option(1e-4, "Peak learning rate of the backbone.")
+    head_learning_rate: float | None = option(
+        None, "Peak learning rate of the classifier head (default: learning_rate)."
     )
-    unlabeled_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Unlabeled images per device and step (default: the train batch size)."},
+    weight_decay: float = option(
+        0.01, "Weight decay (not applied to biases and normalisation weights)."
     )
-    learning_rate: float = field(
-        default=1e-4, metadata={"help": "Peak learning rate of the backbone."}
+    optim: str = option("adamw", "Optimizer: 'adamw' or 'sgd'.")
+    momentum: float = option(0.9, "SGD momentum.")
+    lr_scheduler_type: str = option(
+        "cosine",
+        "Learning-rate schedule after warmup: transformers' names (cosine, linear, "
+        "constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt) or "
+        "one_cycle (torch's OneCycleLR: warmup over warmup_steps / warmup_ratio, default "
+        "30%, then cosine annealing). 'constant' with a warmup is constant_with_warmup.",
     )
-    head_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak learning rate of the classifier head (default: learning_rate)."},
+    warmup_ratio: float = option(0.0, "Fraction of the optimizer steps used for linear warmup.")
+    warmup_steps: int = option(
+        0, "Warmup steps; overrides warmup_ratio when > 0.", aliases=["--num_warmup_steps"]
     )
-    weight_decay: float = field(
-        default=0.01,
-        metadata={"help": "Weight decay (not applied to biases and normalisation weights)."},
+    num_train_epochs: int = option(3, "Passes over the labeled data (unless max_train_steps).")
+    max_train_steps: int | None = option(
+        None, "Total optimizer steps; overrides num_train_epochs when set."
     )
-    optim: str = field(default="adamw", metadata={"help": "Optimizer: 'adamw' or 'sgd'."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    lr_scheduler_type: str = field(
-        default="cosine",
-        metadata={
-            "help": "Learning-rate schedule after warmup: transformers' names (cosine, linear, "
-            "constant, constant_with_warmup, cosine_with_restarts, polynomial, inverse_sqrt) or "
-            "one_cycle (torch's OneCycleLR: warmup over warmup_steps / warmup_ratio, default "
-            "30%, then cosine annealing). 'constant' with a warmup is constant_with_warmup."
-        },
+    gradient_accumulation_steps: int = option(
+        1,
+        "Batches accumulated per optimizer step. The CGC term's InfoNCE negatives "
+        "are the other images of each micro-batch, so accumulation is not the same as a "
+        "larger batch for CGC (cross-entropy is).",
     )
-    warmup_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of the optimizer steps used for linear warmup."}
+    max_grad_norm: float | None = option(
+        1.0, "Gradient clipping norm; None or 0 disables clipping."
     )
-    warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Warmup steps; overrides warmup_ratio when > 0.",
-            "aliases": ["--num_warmup_steps"],
-        },
+    mixed_precision: str | None = option(
+        None,
+        "'no', 'bf16' or 'fp16' (fp16 needs a GPU); default: what Accelerate is "
+        "configured with (accelerate config, accelerate launch --mixed_precision, "
+        "ACCELERATE_MIXED_PRECISION), else 'no'.",
     )
-    num_train_epochs: int = field(
-        default=3, metadata={"help": "Passes over the labeled data (unless max_train_steps)."}
+    seed: int = option(42, "Seed of weights-independent randomness.")
+    checkpointing_steps: str | int | None = option(
+        None, "Save the training state every N optimizer steps, or 'epoch'."
     )
-    max_train_steps: int | None = field(
-        default=None,
-        metadata={"help": "Total optimizer steps; overrides num_train_epochs when set."},
+    checkpoints_total_limit: int | None = option(
+        None, "Keep at most this many checkpoints (oldest deleted)."
     )
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={
-            "help": "Batches accumulated per optimizer step. The CGC term's InfoNCE negatives "
-            "are the other images of each micro-batch, so accumulation is not the same as a "
-            "larger batch for CGC (cross-entropy is)."
-        },
+    resume_from_checkpoint: str | None = option(
+        None, "'latest' (newest complete checkpoint in output_dir) or a path."
     )
-    max_grad_norm: float | None = field(
-        default=1.0, metadata={"help": "Gradient clipping norm; None or 0 disables clipping."}
+    allow_config_change: bool = option(
+        False,
+        "Resume even though options that change the result differ from the saved "
+        "run's (args.json then records both); without it such a resume is refused.",
     )
-    mixed_precision: str | None = field(
-        default=None,
-        metadata={
-            "help": "'no', 'bf16' or 'fp16' (fp16 needs a GPU); default: what Accelerate is "
-            "configured with (accelerate config, accelerate launch --mixed_precision, "
-            "ACCELERATE_MIXED_PRECISION), else 'no'."
-        },
+    metric_for_best_model: str | None = option(
+        None,
+        "Metric that picks the best evaluation, e.g. 'accuracy' or "
+        "'eval_content_heatmap' (default with load_best_model_at_end: accuracy).",
     )
-    seed: int = field(default=42, metadata={"help": "Seed of weights-independent randomness."})
-    checkpointing_steps: str | int | None = field(
-        default=None,
-        metadata={"help": "Save the training state every N optimizer steps, or 'epoch'."},
+    greater_is_better: bool | None = option(
+        None, "Whether a larger metric is better (default: the metric's own)."
     )
-    checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep at most this many checkpoints (oldest deleted)."}
+    load_best_model_at_end: bool = option(
+        False, "Keep the best evaluation's checkpoint and make its weights the final model."
     )
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={"help": "'latest' (newest complete checkpoint in output_dir) or a path."},
+    report_to: str = option(
+        "none", "Trackers: 'none', 'all', or a comma list such as 'tensorboard,wandb'."
     )
-    allow_config_change: bool = field(
-        default=False,
-        metadata={
-            "help": "Resume even though options that change the result differ from the saved "
-            "run's (args.json then records both); without it such a resume is refused."
-        },
+    logging_steps: int = option(10, "Log training loss every N optimizer steps.")
+    eval_steps: int | None = option(None, "Evaluate every N optimizer steps (default: each epoch).")
+    eval_insertion_steps: int = option(
+        0, "Steps of the insertion / deletion AUC metric (0 skips it: slow)."
     )
-    metric_for_best_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Metric that picks the best evaluation, e.g. 'accuracy' or "
-            "'eval_content_heatmap' (default with load_best_model_at_end: accuracy)."
-        },
+    cgc_warmup_steps: int = option(
+        0,
+        "Optimizer steps over which the CGC weight grows linearly from 0 to "
+        "cgc_lambda (0: full weight from the start, as in the paper). Helps from random "
+        "weights, whose first heatmaps carry no signal.",
     )
-    greater_is_better: bool | None = field(
-        default=None,
-        metadata={"help": "Whether a larger metric is better (default: the metric's own)."},
+    max_nonfinite_steps: int = option(
+        5, "Stop after this many optimizer steps in a row with a non-finite loss."
     )
-    load_best_model_at_end: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep the best evaluation's checkpoint and make its weights the final model."
-        },
-    )
-    report_to: str = field(
-        default="none",
-        metadata={"help": "Trackers: 'none', 'all', or a comma list such as 'tensorboard,wandb'."},
-    )
-    logging_steps: int = field(
-        default=10, metadata={"help": "Log training loss every N optimizer steps."}
-    )
-    eval_steps: int | None = field(
-        default=None, metadata={"help": "Evaluate every N optimizer steps (default: each epoch)."}
-    )
-    eval_insertion_steps: int = field(
-        default=0,
-        metadata={"help": "Steps of the insertion / deletion AUC metric (0 skips it: slow)."},
-    )
-    cgc_warmup_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Optimizer steps over which the CGC weight grows linearly from 0 to "
-            "cgc_lambda (0: full weight from the start, as in the paper). Helps from random "
-            "weights, whose first heatmaps carry no signal."
-        },
-    )
-    max_nonfinite_steps: int = field(
-        default=5,
-        metadata={"help": "Stop after this many optimizer steps in a row with a non-finite loss."},
-    )
-    dataloader_num_workers: int = field(
-        default=0, metadata={"help": "Worker processes per data loader."}
-    )
-    figure_images: int = field(
-        default=4,
-        metadata={"help": "Images in the heatmap figure written at each evaluation (0: none)."},
+    dataloader_num_workers: int = option(0, "Worker processes per data loader.")
+    figure_images: int = option(
+        4, "Images in the heatmap figure written at each evaluation (0: none)."
     )
 
     def __post_init__(self) -> None:

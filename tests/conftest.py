@@ -384,3 +384,47 @@ class NoiseImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class Stop(Exception):
+    """Raised by :func:`tiny_trainer`'s ``stop_at``: the run is interrupted there."""
+
+
+def tiny_trainer(
+    out: str | Path,
+    model: CGCModel | None = None,
+    stop_at: int | None = None,
+    unlabeled: bool = True,
+    run_info: dict[str, Any] | None = None,
+    **options: Any,
+):
+    """A :class:`CGCTrainer` of :func:`tiny_model` on noise images: 8 labeled (+ 6 unlabeled), 4
+    eval, batches of 4, seed 3; ``options`` override the training arguments. With ``stop_at`` the
+    run raises :class:`Stop` after that optimizer step (as a kill would stop it)."""
+    from cgc_hf import CGCTrainer, CGCTrainingArguments
+
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        figure_images=0,
+        seed=3,
+        max_train_steps=6,
+        checkpointing_steps=2,
+    )
+    trainer = CGCTrainer(
+        model or tiny_model(),
+        CGCTrainingArguments(**{**base, **options}),
+        NoiseImages(8),
+        NoiseImages(4, 1),
+        unlabeled_dataset=NoiseImages(6, 2) if unlabeled else None,
+        run_info=run_info,
+    )
+    if stop_at is not None:
+
+        def step_end() -> None:
+            if trainer.state.global_step == stop_at:
+                raise Stop
+
+        trainer._step_end = step_end
+    return trainer

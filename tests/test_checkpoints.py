@@ -9,44 +9,16 @@ import subprocess
 
 import pytest
 import torch
-from conftest import NoiseImages, tiny_model
+from conftest import Stop, tiny_trainer
 
-from cgc_hf import CGCError, CGCTrainer, CGCTrainingArguments, CheckpointError
+from cgc_hf import CGCError, CGCTrainer, CheckpointError
 from cgc_hf.training import COMPLETE, complete_checkpoints
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-class Stop(Exception):
-    pass
-
-
 def trainer(out, model=None, stop_at=None, **kw) -> CGCTrainer:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        figure_images=0,
-        seed=3,
-        max_train_steps=6,
-        checkpointing_steps=2,
-    )
-    base.update(kw)
-    t = CGCTrainer(
-        model or tiny_model(),
-        CGCTrainingArguments(**base),
-        NoiseImages(8),
-        NoiseImages(4, 1),
-        unlabeled_dataset=NoiseImages(6, 2),
-    )
-    if stop_at is not None:
-
-        def step_end():
-            if t.state.global_step == stop_at:
-                raise Stop
-
-        t._step_end = step_end
-    return t
+    return tiny_trainer(out, model, stop_at, **kw)
 
 
 def weights(t: CGCTrainer) -> dict[str, torch.Tensor]:

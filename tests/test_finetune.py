@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_script
 
 from cgc_hf import load_split
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune.py"
 SECRET = "hf_NotARealTokenButSecret123"
 TINY = [
@@ -27,21 +25,7 @@ TINY = [
 
 
 def run(*argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-    return subprocess.run(
-        [sys.executable, str(RECIPE), *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
+    return run_script(RECIPE, *argv, timeout=timeout)
 
 
 @pytest.mark.slow

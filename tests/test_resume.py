@@ -5,45 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import NoiseImages, tiny_model
+from conftest import Stop, tiny_model, tiny_trainer
 
-from cgc_hf import CGCModel, CGCTrainer, CGCTrainingArguments, CheckpointError
+from cgc_hf import CGCModel, CGCTrainer, CheckpointError
 from cgc_hf.training.resume import config_changes
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
-class Stop(Exception):
-    pass
-
-
 def trainer(out, model=None, stop_at=None, unlabeled=True, **kw) -> CGCTrainer:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        figure_images=0,
-        seed=3,
-        max_train_steps=4,
-        checkpointing_steps=2,
-    )
-    base.update(kw)
-    t = CGCTrainer(
-        model or tiny_model(),
-        CGCTrainingArguments(**base),
-        NoiseImages(8),
-        NoiseImages(4, 1),
-        unlabeled_dataset=NoiseImages(6, 2) if unlabeled else None,
-        run_info={"labels_per_class": 2},
-    )
-    if stop_at is not None:
-
-        def step_end():
-            if t.state.global_step == stop_at:
-                raise Stop
-
-        t._step_end = step_end
-    return t
+    options = {"max_train_steps": 4, **kw}
+    return tiny_trainer(out, model, stop_at, unlabeled, {"labels_per_class": 2}, **options)
 
 
 @pytest.fixture

@@ -8,24 +8,17 @@ import sys
 import time
 
 import pytest
-from conftest import NoiseImages, tiny_model
+from conftest import tiny_trainer
 
-from cgc_hf import CGCTrainer, CGCTrainingArguments, CGCValueError
+from cgc_hf import CGCTrainer, CGCValueError
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def trainer(out, **kw) -> CGCTrainer:
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        figure_images=0,
-        max_train_steps=2,
-        checkpointing_steps=1,
+    return tiny_trainer(
+        out, unlabeled=False, **{"max_train_steps": 2, "checkpointing_steps": 1, **kw}
     )
-    base.update(kw)
-    return CGCTrainer(tiny_model(), CGCTrainingArguments(**base), NoiseImages(8), NoiseImages(4))
 
 
 def test_overwrite_refuses_a_folder_no_run_of_ours_wrote(tmp_path):
