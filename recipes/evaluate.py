@@ -36,6 +36,8 @@ from torch.utils.data import DataLoader
 
 # Only the public API: what this script does, a user's own script can do too.
 from cgc_hf import (
+    ArgumentGroup,
+    CGCArgumentParser,
     CGCDataset,
     CGCError,
     CGCValueError,
@@ -50,7 +52,6 @@ from cgc_hf import (
     load_classifier,
     write_results,
 )
-from cgc_hf.cli import ArgumentGroup, CGCArgumentParser
 from cgc_hf.data import LOAD_FIELDS
 
 logger = logging.getLogger("evaluate")

@@ -28,6 +28,7 @@ from typing import Any
 # Only the public API: what this script does, a user's own script can do too.
 from cgc_hf import (
     METHOD_FIELDS,
+    METRICS,
     ArgumentGroup,
     CGCArgumentParser,
     CGCConfig,
@@ -169,19 +170,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def print_summary(metrics: dict[str, Any], output_dir: str, cgc_lambda: float) -> None:
-    names = {
-        "eval_accuracy": "top-1 accuracy (%)",
-        "eval_consistency": "explanation consistency (cosine)",
-        "eval_content_heatmap": "Content Heatmap (% of heatmap in the object)",
-        "eval_pointing_game": "pointing game (%)",
-        "eval_insertion": "insertion AUC",
-        "eval_deletion": "deletion AUC",
-        "eval_zero_heatmaps": "all-zero heatmaps (count)",
-    }
     print(f"\n{'CGC' if cgc_lambda > 0 else 'baseline (no CGC)'} run finished: {output_dir}")
-    for key, label in names.items():
-        if key in metrics:
-            print(f"  {label:<46} {metrics[key]:.3f}")
+    for m in METRICS:  # the names recipes/evaluate.py and the model card use
+        if f"eval_{m.key}" in metrics:
+            print(f"  {m.title:<30} {metrics[f'eval_{m.key}']:.{m.digits}f}")
     if metrics.get("bad_images"):
         print(f"  skipped {metrics['bad_images']} unreadable images (--on_bad_image skip)")
 

@@ -47,7 +47,7 @@ def test_cgc_run_end_to_end_with_labels_split_and_config(tmp_path):
         SECRET,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "top-1 accuracy" in proc.stdout and "Content Heatmap" in proc.stdout
+    assert "Top-1 accuracy" in proc.stdout and "Content Heatmap" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())["final"]
     assert metrics["train_steps"] == 2  # the command line wins over the YAML file
     assert {"eval_accuracy", "eval_consistency", "eval_content_heatmap"} <= set(metrics)
