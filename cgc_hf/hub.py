@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,39 +27,33 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from torch import Tensor
 
 from ._io import replace_folder
 from .backbones import BackboneAdapter
 from .card import model_card
 from .config import CGCConfig
 from .errors import CGCValueError, CheckpointError
+from .model_files import (
+    CARD_NAME,
+    CONFIG_NAME,
+    FORMAT_VERSION,  # noqa: F401 - read as hub.FORMAT_VERSION
+    PICKLE_WEIGHTS_NAME,
+    RESERVED_NAMES,
+    WEIGHTS_NAME,
+    config_file_dict,
+    is_cgc_folder,
+    is_export_folder,
+    load_state,
+    read_config,
+    read_weights,
+    state_dict_diff,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
     from torch import nn
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-"""Layout version of ``config.json``; loading refuses files from a newer version."""
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
-CARD_NAME = "README.md"
-_FORMAT_KEY = "cgc_hf_format_version"
-_VERSION_KEY = "cgc_hf_version"
-_LABEL2ID_KEY = "label2id"  # written for readers of the file; id2label is authoritative
-_RESERVED_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, CARD_NAME)
-# Files a previous export may hold; a folder with only these can be replaced by a new export.
-_EXPORT_NAMES = (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    CARD_NAME,
-    "model.safetensors.index.json",
-    "preprocessor_config.json",
-    "generation_config.json",
-)
 
 M = TypeVar("M", bound="CGCHubMixin")
 
@@ -135,7 +128,7 @@ class CGCHubMixin:
             )
         figure_path = _check_figure(figure)
         self._check_rebuildable()
-        config_dict = _config_file_dict(self.config)
+        config_dict = config_file_dict(self.config)
         card = model_card(
             self.config,
             base_model=base_model or self.config.base_model,
@@ -157,7 +150,7 @@ class CGCHubMixin:
                 shutil.copyfile(figure_path, folder / figure_path.name)
             (folder / CARD_NAME).write_text(card, encoding="utf-8")
 
-        out = _write_atomically(Path(save_directory), write, _is_cgc_folder, "saved cgc_hf model")
+        out = _write_atomically(Path(save_directory), write, is_cgc_folder, "saved cgc_hf model")
         logger.info("saved %s (%s) to %s", self.config.architecture, self.config.library, out)
         return out
 
@@ -181,7 +174,7 @@ class CGCHubMixin:
                 f"{cfg.architecture!r} ({type(err).__name__}: {err}); saving it would give a "
                 f"folder that cannot be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
             ) from err
-        problems = _state_dict_diff(
+        problems = state_dict_diff(
             {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()},
             {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()},
         )
@@ -256,8 +249,8 @@ class CGCHubMixin:
             allow_pickle=allow_pickle,
             force_download=force_download,
         )
-        config = _read_config(folder, num_labels)
-        state = _read_weights(folder, allow_pickle)
+        config = read_config(folder, num_labels)
+        state = read_weights(folder, allow_pickle)
         try:
             model = cls(config)
         except (TypeError, ValueError, RuntimeError, KeyError) as err:
@@ -266,7 +259,7 @@ class CGCHubMixin:
                 f"{folder} ({type(err).__name__}: {err}). The file may need a newer "
                 f"{config.library}."
             ) from err
-        _load_state(model, state, strict, folder)
+        load_state(model, state, strict, folder)
         model.to(device)
         model.eval()  # documented: loaded models are for inference until .train() is called
         return model
@@ -379,38 +372,19 @@ class CGCHubMixin:
         def write(folder: Path) -> None:
             self.adapter.export(backbone, folder, cfg)
 
-        out = _write_atomically(Path(save_directory), write, _is_export_folder, "backbone export")
+        out = _write_atomically(Path(save_directory), write, is_export_folder, "backbone export")
         logger.info("exported the %s backbone %s to %s", cfg.library, cfg.architecture, out)
         return out
 
 
 # ---------------------------------------------------------------------------------- writing
-def _config_file_dict(config: CGCConfig) -> dict[str, Any]:
-    from . import __version__  # the package is fully imported by the time a model is saved
-
-    d = config.to_dict()
-    d[_FORMAT_KEY] = FORMAT_VERSION
-    d[_VERSION_KEY] = __version__
-    if config.id2label is not None:
-        d[_LABEL2ID_KEY] = {name: int(i) for i, name in config.id2label.items()}
-    try:
-        json.dumps(d)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"the model's config cannot be written as JSON ({err}); model_kwargs and other "
-            "config values must be plain numbers, strings, lists or dicts (e.g. a layer name "
-            "string instead of a layer class)."
-        ) from None
-    return d
-
-
 def _check_figure(figure: str | os.PathLike | None) -> Path | None:
     if figure is None:
         return None
     path = Path(figure)
     if not path.is_file():
         raise CGCValueError(f"figure must be an existing image file; got {str(figure)!r}.")
-    if path.name in _RESERVED_NAMES:
+    if path.name in RESERVED_NAMES:
         raise CGCValueError(
             f"figure must not be named {path.name!r} (a file of the saved model); rename it, "
             "e.g. to 'heatmaps.png'."
@@ -435,21 +409,6 @@ def _write_atomically(
         return replace_folder(dest, write)
     except OSError as err:
         raise CheckpointError(f"could not write {what} to {str(dest)!r}: {err}") from err
-
-
-def _is_cgc_folder(folder: Path) -> bool:
-    try:
-        raw = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and _FORMAT_KEY in raw
-
-
-def _is_export_folder(folder: Path) -> bool:
-    return all(
-        p.is_file() and (p.name in _EXPORT_NAMES or p.name.startswith("model-"))
-        for p in folder.iterdir()
-    )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -520,134 +479,3 @@ def _resolve_folder(
             f"downloading {repo_id!r}{at} from the Hub failed: {str(err).splitlines()[0]}"
         ) from None
     return Path(folder)
-
-
-def _read_config(folder: Path, num_labels: int | None) -> CGCConfig:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(
-            f"{str(folder)!r} has no {CONFIG_NAME}, so it is not a model saved by cgc_hf "
-            "save_pretrained."
-        )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {str(path)!r}: {err}") from None
-    if not isinstance(raw, dict) or _FORMAT_KEY not in raw:
-        raise CheckpointError(
-            f"{str(path)!r} is not a cgc_hf config (no {_FORMAT_KEY!r}). A plain timm or "
-            "transformers model is wrapped with CGCModel.from_backbone(<folder or Hub id>)."
-        )
-    version = raw.pop(_FORMAT_KEY)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} has format version {version!r}; this cgc_hf reads versions up to "
-            f"{FORMAT_VERSION}. Upgrade cgc_hf."
-        )
-    raw.pop(_VERSION_KEY, None)
-    raw.pop(_LABEL2ID_KEY, None)
-    try:
-        config = CGCConfig.from_dict(raw)
-    except (CGCValueError, TypeError) as err:
-        raise CheckpointError(f"{str(path)!r} holds an invalid CGCConfig: {err}") from None
-    if config.library is None or config.backbone_config is None:
-        raise CheckpointError(f"{str(path)!r} describes no backbone (library / backbone_config).")
-    if num_labels is not None and num_labels != config.num_labels:
-        raise CheckpointError(
-            f"num_labels={num_labels} was requested but the model in {str(folder)!r} has "
-            f"num_labels={config.num_labels}. Load it without num_labels, then give it a new "
-            f"head with CGCModel.from_backbone(model.backbone, num_labels={num_labels})."
-        )
-    return config
-
-
-def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
-    safe, pickled = folder / WEIGHTS_NAME, folder / PICKLE_WEIGHTS_NAME
-    if safe.is_file():
-        try:
-            return safetensors.torch.load_file(str(safe), device="cpu")
-        except (safetensors.SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"{str(safe)!r} is corrupted or truncated ({err}); save or download it again."
-            ) from None
-    if pickled.is_file():
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{str(folder)!r} holds only pickle weights ({PICKLE_WEIGHTS_NAME}), and "
-                "unpickling can run code, so cgc_hf refuses it. If you trust the source, pass "
-                "allow_pickle=True (read with torch.load(weights_only=True)); then "
-                f"save_pretrained writes {WEIGHTS_NAME}."
-            )
-        try:
-            state = torch.load(str(pickled), map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
-            raise CheckpointError(
-                f"cannot read {str(pickled)!r} with torch.load(weights_only=True): "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-            ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise CheckpointError(f"{str(pickled)!r} does not hold a flat state dict of tensors.")
-        return state
-    raise CheckpointError(f"{str(folder)!r} has no {WEIGHTS_NAME}.")
-
-
-def _load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, folder: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _alias_loaded(k, expected, state)]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: saved {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"the weights in {str(folder)!r} do not fit the rebuilt architecture; "
-            f"shape mismatches: {_listing(mismatched)}."
-        )
-    if missing or unexpected:
-        text = (
-            f"the weights in {str(folder)!r} do not match the rebuilt "
-            f"{type(model).__name__}: missing keys {_listing(missing)}; "
-            f"unexpected keys {_listing(unexpected)}"
-        )
-        if strict:
-            raise CheckpointError(text + ". Pass strict=False only if you know why they differ.")
-        logger.warning("%s (strict=False: loading the rest).", text)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-
-
-def _alias_loaded(key: str, expected: dict[str, Tensor], state: dict[str, Tensor]) -> bool:
-    """Whether ``key`` shares its storage with a key that was saved (tied weights saved once)."""
-    t = expected[key]
-    return any(
-        other in state
-        and other != key
-        and v.data_ptr() == t.data_ptr()
-        and v.shape == t.shape
-        and v.device == t.device
-        for other, v in expected.items()
-    )
-
-
-def _state_dict_diff(have: dict[str, tuple], rebuilt: dict[str, tuple]) -> str:
-    only_have = [k for k in have if k not in rebuilt]
-    only_rebuilt = [k for k in rebuilt if k not in have]
-    shapes = [
-        f"{k}: {have[k]} vs {rebuilt[k]}" for k in have if k in rebuilt and have[k] != rebuilt[k]
-    ]
-    parts = []
-    if only_have:
-        parts.append(f"keys only in the model: {_listing(only_have)}")
-    if only_rebuilt:
-        parts.append(f"keys only in the rebuilt backbone: {_listing(only_rebuilt)}")
-    if shapes:
-        parts.append(f"shapes model vs rebuilt: {_listing(shapes)}")
-    return "; ".join(parts)
-
-
-def _listing(items: list[str], n: int = 8) -> str:
-    if not items:
-        return "none"
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
