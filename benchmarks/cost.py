@@ -163,7 +163,8 @@ def step_naive(model: CGCModel, x, labels, t) -> torch.Tensor:
 STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive, "cgc_whole": step_cgc_whole}
 
 
-def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None):
+def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None, clock=None):
+    clock = clock or time.perf_counter
     g = torch.Generator(device="cpu").manual_seed(0)
     for _ in range(steps):
         x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
@@ -171,7 +172,7 @@ def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings
         t = sample_crop_flip(batch, generator=g).to(device)
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             loss = STEPS[mode](model, x, labels, t)
         loss.backward()
@@ -180,7 +181,7 @@ def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings
         if device == "cuda":
             torch.cuda.synchronize()
         if timings is not None:
-            timings.append(time.perf_counter() - start)
+            timings.append(clock() - start)
 
 
 def _status_bytes(field: str) -> int:
@@ -282,6 +283,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no_memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--cpu_time",
+        action="store_true",
+        help="CPU: time steps by this process's CPU time on one thread, not wall time (a "
+        "machine shared with other work then slows every mode alike)",
+    )
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument(
         "--profile",
@@ -296,10 +303,15 @@ def main() -> None:
     if args.profile:
         return profile(args)
     dtype = getattr(torch, args.dtype)
+    clock = time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+        clock = time.process_time
     results = []
     print(
         f"device={args.device} dtype={args.dtype} image_size={args.image_size} "
         f"threads={torch.get_num_threads()} steps={args.steps} (median after 1 warm-up)"
+        f"{' clock=process CPU time' if args.cpu_time else ''}"
     )
     for name in args.models:
         torch.manual_seed(0)
@@ -312,7 +324,16 @@ def main() -> None:
             for _ in range(args.steps):  # interleaved, so drifts in machine load hit all modes
                 for m in args.modes:
                     run_steps(
-                        model, m, batch, args.image_size, args.device, 1, dtype, opt, times[m]
+                        model,
+                        m,
+                        batch,
+                        args.image_size,
+                        args.device,
+                        1,
+                        dtype,
+                        opt,
+                        times[m],
+                        clock,
                     )
             row = {
                 "model": name,

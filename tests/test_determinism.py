@@ -234,3 +234,67 @@ def test_efficientnet_cgc_run_repeats_and_resumes_after_kill_9_exactly(tmp_path)
     assert (out / "checkpoints" / "step_3").is_dir()
     run_recipe(*LITE0_RUN, "--output_dir", str(out), "--resume_from_checkpoint", "latest")
     assert_same_run(out, reference)
+
+
+# ------------------------------------------------------------------ data loader workers
+class _Items(torch.utils.data.Dataset):
+    """Random images; the item's random flip comes from the global RNG, as a transform's would."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+        return {"pixel_values": x, "labels": torch.tensor(i % 3)}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train(out: Path, workers: int, stop_at: int | None = None, resume: str | None = None):
+    from cgc_hf import CGCTrainer, CGCTrainingArguments
+
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, input_size=32)
+    args = CGCTrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        unlabeled_batch_size=3,
+        max_train_steps=6,
+        checkpointing_steps=2,
+        figure_images=0,
+        seed=3,
+        dataloader_num_workers=workers,
+        resume_from_checkpoint=resume,
+    )
+    trainer = CGCTrainer(model, args, _Items(10, 0), unlabeled_dataset=_Items(7, 1))
+    if stop_at is not None:
+
+        def step_end():
+            if trainer.state.global_step == stop_at:
+                raise _Stop
+
+        trainer._step_end = step_end
+    trainer.train()
+    return model
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_loader_workers_resume_to_the_single_process_run(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    reference = _train(tmp_path / "ref", workers=0).state_dict()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(_Stop):
+        _train(tmp_path / "run", workers=2, stop_at=3)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = _train(tmp_path / "run", workers=2, resume="latest").state_dict()
+    assert resumed.keys() == reference.keys()
+    differ = [k for k in reference if not torch.equal(reference[k], resumed[k])]
+    assert not differ, differ[:5]

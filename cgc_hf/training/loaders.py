@@ -40,6 +40,10 @@ def seeded_loader(
         drop_last=drop_last,
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
+        # Workers live for the whole run (the unlabeled pool is cycled many times); items are
+        # seeded by (epoch, index), not by worker, so this changes no result.
+        persistent_workers=args.dataloader_num_workers > 0,
+        pin_memory=torch.cuda.is_available(),  # faster, asynchronous copies to the GPU
         # Own generator: creating an iterator must not draw from the global RNG.
         generator=torch.Generator().manual_seed(args.seed),
     )
