@@ -25,6 +25,7 @@ Usage:
     python benchmarks/cost.py                      # the six default models at 224 px, batch 8
     python benchmarks/cost.py --models resnet18 --image_size 64 --steps 3   # a quick look
     python benchmarks/cost.py --batch_sizes 8 16 32 --modes cgc             # throughput
+    python benchmarks/cost.py --overhead --models resnet18 --image_size 64 --steps 10 --cpu_time
 """
 
 from __future__ import annotations
@@ -251,6 +252,82 @@ def profile(args) -> None:
             print(prof.key_averages().table(sort_by=key, row_limit=12))
 
 
+class _Images(torch.utils.data.Dataset):
+    """In-memory images and labels, so both loops below read data at no cost."""
+
+    def __init__(self, n: int, size: int, classes: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def overhead(args) -> None:
+    """Per-step time of ``CGCTrainer`` against a plain loop doing the same CGC steps.
+
+    Both run ``--steps`` optimizer steps of the same model, batch and AdamW optimizer (no
+    evaluation, no checkpoints); the plain loop is ``model(x, labels)["loss"].backward()``,
+    ``step``, ``zero_grad`` over a ``DataLoader``. Time per step is taken between the ends of the
+    first and the last step (set-up, the first step and saving the model excluded). Rounds
+    alternate; the median of each is shown.
+    """
+    import tempfile
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cgc_hf import CGCTrainer, CGCTrainingArguments
+
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
+    batch, steps = args.batch_sizes[0], args.steps
+    data = _Images(batch * steps, args.image_size, 200)
+    for name in args.models:
+        per_step = {"trainer": [], "plain": []}
+        for _ in range(3):
+            torch.manual_seed(0)
+            model = build(name, args.image_size, args.device)
+            with tempfile.TemporaryDirectory() as tmp:
+                targs = CGCTrainingArguments(
+                    output_dir=tmp,
+                    per_device_train_batch_size=batch,
+                    max_train_steps=steps,
+                    figure_images=0,
+                    logging_steps=steps,
+                    report_to="none",
+                )
+                trainer = CGCTrainer(model, targs, data)
+                marks: list[float] = []
+                trainer._step_end = lambda marks=marks: marks.append(clock())  # after each step
+                trainer.train()
+                per_step["trainer"].append((marks[-1] - marks[0]) / (len(marks) - 1))
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            torch.manual_seed(0)
+            model = build(name, args.image_size, args.device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
+            marks = []
+            for item in loader:
+                x, y = item["pixel_values"].to(args.device), item["labels"].to(args.device)
+                model(x, labels=y)["loss"].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                marks.append(clock())
+            per_step["plain"].append((marks[-1] - marks[0]) / (len(marks) - 1))
+        t, p = (statistics.median(per_step[k]) for k in ("trainer", "plain"))
+        print(
+            f"{name} b={batch} {args.image_size} px, {steps} steps: CGCTrainer {t:.3f} s/step, "
+            f"plain loop {p:.3f} s/step, overhead {t / p:.2f}x",
+            flush=True,
+        )
+
+
 def measure_memory(args, name: str, mode: str, batch: int) -> float:
     cmd = [
         sys.executable,
@@ -295,6 +372,11 @@ def main() -> None:
         action="store_true",
         help="instead of timing, profile one step per mode and print where its time goes",
     )
+    p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="instead, compare CGCTrainer's step time with a plain loop of the same CGC steps",
+    )
     p.add_argument("--memory_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -302,6 +384,8 @@ def main() -> None:
         return memory_child(args)
     if args.profile:
         return profile(args)
+    if args.overhead:
+        return overhead(args)
     dtype = getattr(torch, args.dtype)
     clock = time.perf_counter
     if args.cpu_time:

@@ -7,8 +7,9 @@ labeled, half in the unlabeled pool) and the trainer's two loaders
 (:mod:`cgc_hf.training.loaders`), each batch one labeled and one unlabeled batch. ``timm`` is
 ``timm.data.create_transform(..., is_training=True)`` over ``torchvision.datasets.ImageFolder`` in
 a ``DataLoader``. Rounds alternate between the two in one process and the median images per
-second of each is reported, per worker count (0 = decoding in the main process, one core;
-torch runs one thread per process, as in DataLoader workers).
+second of each is reported, per worker count: 0 = decoding in the main process on one core, timed
+by the process's CPU time (robust to other work on the machine); with workers, wall time. torch
+runs one thread per process, as in DataLoader workers.
 
 Usage:
     python benchmarks/loader.py                          # 224 px JPEGs, workers 0 1 2
@@ -106,15 +107,15 @@ def timm_loader(folder: Path, data_config: dict, batch: int, workers: int):
     return batches
 
 
-def images_per_second(batches, limit: int) -> float:
+def images_per_second(batches, limit: int, clock=time.perf_counter) -> float:
     it = batches()
     next(it)  # worker start-up and the first batch are not throughput
-    start, n = time.perf_counter(), 0
+    start, n = clock(), 0
     for count in it:
         n += count
         if n >= limit:
             break
-    return n / (time.perf_counter() - start)
+    return n / (clock() - start)
 
 
 def main() -> None:
@@ -154,16 +155,20 @@ def main() -> None:
         for workers in args.workers:
             cgc = cgc_loaders(folder, data_config, args.batch_size, workers)
             tm = timm_loader(folder, data_config, args.batch_size, workers)
+            # Without workers everything runs in this process, so its CPU time measures the
+            # pipeline even on a machine busy with other work; workers need wall time.
+            clock = time.process_time if workers == 0 else time.perf_counter
             rates = {"cgc": [], "timm": []}
             for _ in range(args.rounds):
-                rates["cgc"].append(images_per_second(cgc, limit))
-                rates["timm"].append(images_per_second(tm, limit))
+                rates["cgc"].append(images_per_second(cgc, limit, clock))
+                rates["timm"].append(images_per_second(tm, limit, clock))
             row = {"workers": workers, **{k: statistics.median(v) for k, v in rates.items()}}
+            row["clock"] = "cpu" if workers == 0 else "wall"
             row["ratio"] = row["cgc"] / row["timm"]
             results.append(row)
             print(
-                f"workers={workers}: cgc {row['cgc']:.0f} img/s, timm {row['timm']:.0f} img/s, "
-                f"cgc/timm {row['ratio']:.2f}x",
+                f"workers={workers} ({row['clock']} time): cgc {row['cgc']:.0f} img/s, "
+                f"timm {row['timm']:.0f} img/s, cgc/timm {row['ratio']:.2f}x",
                 flush=True,
             )
     if args.json:
