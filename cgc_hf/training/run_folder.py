@@ -203,7 +203,12 @@ class RunFolder:
     def release(self) -> None:
         """Give the folder's lock back (the process ending does it too)."""
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            import fcntl
+
+            # Unlock explicitly: DataLoader workers forked during the run share the descriptor,
+            # and closing only this copy would leave the folder locked while they live.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
             self._lock_fd = None
 
     # ------------------------------------------------------------------------------ records
