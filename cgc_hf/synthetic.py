@@ -299,7 +299,7 @@ def make_synthetic(
     cue_size: float = 0.1,
     clutter: float = 0.6,
     min_contrast: float = 100.0,
-    background: str = "clutter",
+    background: str = "photo",
 ):
     """Generate the shapes-with-a-spurious-cue dataset described in this module's docstring.
 
@@ -319,9 +319,9 @@ def make_synthetic(
         clutter: contrast of the background texture (1: the standard noise amplitudes).
         min_contrast: least RGB distance between a shape's colour and the mean colour of what it
             covers (a few draws are tried; the farthest wins if none is that far).
-        background: ``"clutter"`` (generated texture, shapes in flat colours) or ``"photo"``
-            (crops of scikit-image's photographs behind the shapes, and photo textures inside
-            them; needs scikit-image). ``clutter`` is ignored for ``"photo"``.
+        background: ``"photo"`` (crops of scikit-image's photographs behind the shapes, and
+            photo textures inside them; needs scikit-image) or ``"clutter"`` (generated texture,
+            shapes in flat colours, no extra dependency). ``clutter`` applies to the latter.
 
     Returns:
         ``datasets.DatasetDict`` with ``train``, ``validation`` and ``test``.

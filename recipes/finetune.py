@@ -73,10 +73,13 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     cli = vars(parser.parse_args(argv))
     options = parser.parse_options(argv)
     other_model = cli.get("model_name_or_path", options.get("model_name_or_path"))
-    if options["config"] and "model_kwargs" not in cli:
+    if options["config"]:
         if other_model != parser.read_yaml(Path(options["config"])).get("model_name_or_path"):
-            # The file's constructor arguments describe the file's model, not the one asked for.
-            options.pop("model_kwargs", None)
+            # The file's constructor arguments and weights describe the file's model, not the
+            # one asked for.
+            for key in ("model_kwargs", "pretrained_weights"):
+                if key not in cli:
+                    options.pop(key, None)
     return parser.typed(options)
 
 

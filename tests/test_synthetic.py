@@ -13,7 +13,10 @@ from cgc_hf.synthetic import CUE_PALETTE, SHAPES, cue_side, make_synthetic
 
 @pytest.fixture(scope="module")
 def data():
-    return make_synthetic(num_classes=4, train_size=400, eval_size=200, image_size=64, seed=3)
+    # The flat-colour style: its shapes are uniform regions, which the tests below check.
+    return make_synthetic(
+        num_classes=4, train_size=400, eval_size=200, image_size=64, seed=3, background="clutter"
+    )
 
 
 def _arrays(split):
@@ -143,7 +146,7 @@ def test_min_contrast_keeps_the_object_off_the_background_colour():
     # as the median of the pixels outside the object; the object's colour is kept away from it.
     def distances(min_contrast: float) -> np.ndarray:
         d = make_synthetic(num_classes=4, train_size=8, eval_size=120, image_size=48, seed=4,
-                           clutter=0.0, num_distractors=(0, 0),
+                           clutter=0.0, num_distractors=(0, 0), background="clutter",
                            min_contrast=min_contrast)  # fmt: skip
         images, masks = _arrays(d["validation"])
         out = []
@@ -158,7 +161,7 @@ def test_min_contrast_keeps_the_object_off_the_background_colour():
 
 def test_fast_enough_for_an_offline_default():
     start = time.perf_counter()
-    make_synthetic(train_size=800, eval_size=100, image_size=64, seed=1)
+    make_synthetic(train_size=800, eval_size=100, image_size=64, seed=1, background="clutter")
     assert time.perf_counter() - start < 20  # ~3 s measured on 2 shared cores
 
 
@@ -179,7 +182,7 @@ def test_photo_background_crops_real_photographs_and_keeps_the_annotations():
     kwargs = dict(num_classes=4, train_size=40, eval_size=40, image_size=64, seed=3)
     a = make_synthetic(background="photo", **kwargs)
     b = make_synthetic(background="photo", **kwargs)
-    clutter = make_synthetic(**kwargs)
+    clutter = make_synthetic(background="clutter", **kwargs)
     images, masks = _arrays(a["validation"])
     assert np.array_equal(images, _arrays(b["validation"])[0])  # reproducible
     assert not np.array_equal(images, _arrays(clutter["validation"])[0])
