@@ -79,7 +79,7 @@ def one(out: Path, config: str, flags: list[str], seed: int, synthetic_kwargs) -
         )  # fmt: skip
     if not result.exists():
         evaluate = [sys.executable, "recipes/evaluate.py", "--model", str(run_dir / "model"),
-                    "--dataset", "synthetic", "--split", "test", "--seed", str(seed),
+                    "--dataset", "synthetic", "--eval_split", "test", "--seed", str(seed),
                     "--output_dir", str(run_dir / "test_eval"), "--figure_images", "0"]  # fmt: skip
         if synthetic_kwargs:
             evaluate += ["--synthetic_kwargs", json.dumps(synthetic_kwargs)]
@@ -112,8 +112,7 @@ def table(results: dict, seeds: list[int]) -> str:
             base = statistics.mean(b[k] for _, b in pairs)
             mean, half = interval([c[k] - b[k] for c, b in pairs])
             lines.append(
-                f"| {name} | {k} | {cgc:{fmt}} | {base:{fmt}} | "
-                f"{mean:+{fmt}} ± {half:{fmt}} |"
+                f"| {name} | {k} | {cgc:{fmt}} | {base:{fmt}} | {mean:+{fmt}} ± {half:{fmt}} |"
             )
     return f"test split, {len(seeds)} seeds {seeds}, paired by seed\n" + "\n".join(lines)
 
@@ -133,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    synthetic_kwargs = (yaml.safe_load(Path(args.config).read_text()) or {}).get(
-        "synthetic_kwargs"
-    )
+    synthetic_kwargs = (yaml.safe_load(Path(args.config).read_text()) or {}).get("synthetic_kwargs")
     named = settings(args.groups, args.labels_per_class)
     runs = sorted({tuple([*f, *extra]) for pair in named.values() for f in pair})
     jobs = [(list(flags), seed) for flags in runs for seed in args.seeds]

@@ -27,7 +27,7 @@ def test_first_lines_are_the_two_setup_commands():
     text = README.read_text()
     commands = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     lines = [ln for ln in commands.splitlines() if ln and not ln.startswith("#")]
-    assert lines[0].startswith("pip install -e '.[dev]' && python recipes/finetune.py")
+    assert lines[0].startswith("pip install -e '.[dev,pretrained]' && python recipes/finetune.py")
     assert lines[1] == "HF_HUB_OFFLINE=1 python -m pytest"
     ci = (README.parent / ".ci" / "run").read_text()
     assert "README.md" in ci  # CI runs these two lines from the README itself
