@@ -45,7 +45,7 @@ from cgc_hf import (
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-DEFAULT_MODEL = "resnet10t"  # configs/synthetic.yaml narrows and dilates it for 64 px images
+DEFAULT_MODEL = "resnet10t"  # without a config; configs/synthetic.yaml picks tf_efficientnet_lite0
 SYNTHETIC_IMAGE_SIZE = 64  # the generated images' side; no point in upsampling them
 
 
