@@ -5,9 +5,12 @@ No annotated classification dataset can be downloaded offline, and CGC is about 
 looks, so the offline default is generated. Each image is built as follows (all randomness from
 ``numpy.random.default_rng((seed, split))``, so a seed reproduces every pixel):
 
-1. **Background clutter.** A random base colour, plus per-channel low-frequency noise (a random
-   coarse grid upsampled bilinearly), plus pixel noise (both scaled by ``clutter``), plus a few
-   random thin line segments.
+1. **Background.** With ``background="photo"`` (the default), a random crop of one of
+   scikit-image's bundled photographs (:data:`PHOTOS`; grey ones tinted), and photo textures
+   inside the shapes too, so that ImageNet features see photograph statistics. With
+   ``"clutter"``: a random base colour, plus per-channel low-frequency noise (a random coarse
+   grid upsampled bilinearly), plus pixel noise (both scaled by ``clutter``), plus a few random
+   thin line segments, and shapes in flat colours.
 2. **Distractors.** ``num_distractors`` shapes of *other* classes, each ``distractor_scale``
    (30-50 %) of the object's size, at random places; they may be partly hidden by the object.
 3. **The object.** One shape whose kind *is* the class (``disc``, ``square``, ``triangle``,
@@ -25,10 +28,10 @@ looks, so the offline default is generated. Each image is built as follows (all 
    scores well in training, poorly in evaluation, and its heatmap lands in a corner, outside the
    object mask.
 
-The defaults are tuned so that the object is learnable in the offline default run (a small CNN
-trained from scratch for 250 steps, ``recipes/configs/synthetic.yaml``) while the cue, easier to
-pick up at first, is a temptation rather than the only thing learnable: with the cue at 0.9 and
-the object at 20-32 % of the side, such a run learned the cue only and stayed at chance.
+The object and cue sizes were tuned so that the object is learnable from scratch (a small CNN,
+250 steps, ``recipes/configs/synthetic_scratch.yaml``) while the cue, easier to pick up at first,
+is a temptation rather than the only thing learnable: with the cue at 0.9 and the object at
+20-32 % of the side, such a run learned the cue only and stayed at chance.
 
 Columns: ``image`` (PIL RGB), ``label`` (``ClassLabel`` with the shape names), ``bbox``
 (``[x0, y0, x1, y1]`` pixel edges of the visible object, ``x1``/``y1`` exclusive), ``mask``
