@@ -25,18 +25,28 @@ _SECRET_KEY = re.compile(r"token|password|secret", re.IGNORECASE)
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
-def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> None:
-    """Write ``data`` as JSON via a temporary file and a rename; readers never see half a file.
+def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a temporary sibling of ``path``, then rename it into place.
 
-    ``sort_keys=False`` keeps the order of the mappings (e.g. models in the order compared).
+    Readers never see half a file, and a write that fails (or is killed) leaves no partial
+    ``path``; the temporary ``.<name>.tmp-<tag>`` is removed on failure.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, default=str))
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any, sort_keys: bool = True) -> None:
+    """Write ``data`` as JSON through :func:`write_file`.
+
+    ``sort_keys=False`` keeps the order of the mappings (e.g. models in the order compared).
+    """
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str)
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._io import write_file
 from .errors import CGCValueError
 
 logger = logging.getLogger(__name__)
@@ -294,14 +294,8 @@ def efficientnet_lite0_weights(cache: str | os.PathLike | None = None) -> Path:
     model = timm.create_model(LITE0_ARCHITECTURE, pretrained=False)
     state = convert_lite0_state_dict(source, model)
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    write_file(target, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     logger.info("converted EfficientNet-Lite0 ImageNet weights to %s", target)
     return target
 
