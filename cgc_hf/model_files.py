@@ -158,13 +158,13 @@ def load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, folder:
     if mismatched:
         raise CheckpointError(
             f"the weights in {str(folder)!r} do not fit the rebuilt architecture; "
-            f"shape mismatches: {_listing(mismatched)}."
+            f"shape mismatches: {listing(mismatched)}."
         )
     if missing or unexpected:
         text = (
             f"the weights in {str(folder)!r} do not match the rebuilt "
-            f"{type(model).__name__}: missing keys {_listing(missing)}; "
-            f"unexpected keys {_listing(unexpected)}"
+            f"{type(model).__name__}: missing keys {listing(missing)}; "
+            f"unexpected keys {listing(unexpected)}"
         )
         if strict:
             raise CheckpointError(text + ". Pass strict=False only if you know why they differ.")
@@ -193,15 +193,16 @@ def state_dict_diff(have: dict[str, tuple], rebuilt: dict[str, tuple]) -> str:
     ]
     parts = []
     if only_have:
-        parts.append(f"keys only in the model: {_listing(only_have)}")
+        parts.append(f"keys only in the model: {listing(only_have)}")
     if only_rebuilt:
-        parts.append(f"keys only in the rebuilt backbone: {_listing(only_rebuilt)}")
+        parts.append(f"keys only in the rebuilt backbone: {listing(only_rebuilt)}")
     if shapes:
-        parts.append(f"shapes model vs rebuilt: {_listing(shapes)}")
+        parts.append(f"shapes model vs rebuilt: {listing(shapes)}")
     return "; ".join(parts)
 
 
-def _listing(items: list[str], n: int = 8) -> str:
+def listing(items: list[str], n: int = 8) -> str:
+    """``items`` for an error message: the first ``n``, then how many more (``"none"`` if empty)."""
     if not items:
         return "none"
     more = f" and {len(items) - n} more" if len(items) > n else ""

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ._io import write_file
 from .errors import CGCValueError
+from .model_files import listing
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _list(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def check_state_dict(
     state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str
 ) -> None:
@@ -112,11 +108,11 @@ def check_state_dict(
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {_list(missing)}")
+        problems.append(f"{len(missing)} missing key(s): {listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_list(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): {_list(shapes, 4)}")
+        problems.append(f"{len(shapes)} shape mismatch(es): {listing(shapes, 4)}")
     if problems:
         raise CGCValueError(
             f"the weights in {source} do not fit the model: " + "; ".join(problems) + ". Pass "
