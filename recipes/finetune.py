@@ -12,6 +12,8 @@ Examples:
     python recipes/finetune.py --no_cgc --output_dir cgc-baseline
     # CUB-200 with 10% of the labels, the rest as unlabeled data, on every GPU.
     accelerate launch recipes/finetune.py --model resnet50 --dataset cub --label_fraction 0.1
+    # The same from an installed package (pip install cgc_hf): the console script.
+    cgc-finetune --model resnet50 --dataset cub --label_fraction 0.1
 
 Flags follow transformers' image-classification example: each is a field of the argument
 dataclasses below; ``--config file.yaml`` (else ``recipes/configs/<dataset>.yaml``) sets
@@ -181,13 +183,19 @@ def print_summary(metrics: dict[str, Any], output_dir: str, cgc_lambda: float) -
         print(f"  skipped {metrics['bad_images']} unreadable images (--on_bad_image skip)")
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The ``cgc-finetune`` console script: :func:`main` with expected failures as one line."""
     try:
         main()
     except CGCError as err:
         # Expected failures (bad input, no network, full disk) get one line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted; continue with --resume_from_checkpoint latest", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
