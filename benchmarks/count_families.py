@@ -52,44 +52,32 @@ from torch import Tensor, nn
 
 from cgc_hf import CGCModel
 from cgc_hf.targets import capture, to_nchw
+from cgc_hf.testing import HF_ENCODER, HF_STAGES, HF_SWIN, HF_VIT, first_weight_layer
 
 NUM_LABELS = 3
 SMALL_SIZES = (64, 96, 128, 160)
 
 # ---------------------------------------------------------------------------------- tiny configs
-_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-_TOWER = dict(_VIT, num_hidden_layers=1)
-_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-_STAGES = dict(hidden_sizes=[16, 32], depths=[1, 1])
-_SWIN = dict(
-    image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2
-)
+_TOWER = dict(HF_VIT, num_hidden_layers=1)  # a CLIP / SigLIP vision tower
 
 HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
     # model_type: (image side, config fields); sizes are non-default wherever the model has one
-    "beit": (32, dict(_VIT, use_mean_pooling=True)),
-    "bit": (64, dict(_STAGES, embedding_size=16, layer_type="bottleneck", num_groups=2)),
-    "clip": (32, dict(vision_config=_TOWER, text_config=_TEXT)),
-    "convnext": (64, dict(_STAGES, num_stages=2)),
-    "convnextv2": (64, dict(_STAGES, num_stages=2)),
+    "beit": (32, dict(HF_VIT, use_mean_pooling=True)),
+    "bit": (64, dict(HF_STAGES, embedding_size=16, layer_type="bottleneck", num_groups=2)),
+    "clip": (32, dict(vision_config=_TOWER, text_config=HF_ENCODER)),
+    "convnext": (64, dict(HF_STAGES, num_stages=2)),
+    "convnextv2": (64, dict(HF_STAGES, num_stages=2)),
     # CvT indexes its drop-path rates by stage, so stage i needs more than i blocks
     "cvt": (64, dict(embed_dim=[16, 32, 48], num_heads=[1, 2, 3], depth=[1, 2, 3])),
-    "data2vec-vision": (32, dict(_VIT, use_mean_pooling=True)),
-    "deit": (32, dict(_VIT)),
+    "data2vec-vision": (32, dict(HF_VIT, use_mean_pooling=True)),
+    "deit": (32, dict(HF_VIT)),
     "dinat": (
         64,
         dict(patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3),
     ),
-    "dinov2": (32, dict(_VIT)),
-    "dinov2_with_registers": (32, dict(_VIT, num_register_tokens=2)),
-    "donut-swin": (32, dict(_SWIN)),
+    "dinov2": (32, dict(HF_VIT)),
+    "dinov2_with_registers": (32, dict(HF_VIT, num_register_tokens=2)),
+    "donut-swin": (32, dict(HF_SWIN)),
     "efficientnet": (
         64,
         dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
@@ -123,7 +111,7 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
             masked_unit_attention=[True, False, False],
         ),
     ),
-    "ijepa": (32, dict(_VIT)),
+    "ijepa": (32, dict(HF_VIT)),
     "imagegpt": (16, dict(n_embd=32, n_layer=2, n_head=2, n_positions=256, vocab_size=513)),
     "levit": (  # three stages of stride 16, 32, 64: 128 px leaves a 2x2 grid at the end
         128,
@@ -135,7 +123,7 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
             key_dim=[8, 8, 8],
         ),
     ),
-    "metaclip_2": (32, dict(vision_config=_TOWER, text_config=_TEXT)),
+    "metaclip_2": (32, dict(vision_config=_TOWER, text_config=HF_ENCODER)),
     "mobilenet_v1": (64, dict(image_size=64, depth_multiplier=0.25)),
     "mobilenet_v2": (64, dict(image_size=64, depth_multiplier=0.25)),
     "mobilevit": (
@@ -175,18 +163,18 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
         64,
         dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2]),
     ),
-    "regnet": (64, dict(_STAGES, embedding_size=16, groups_width=8)),
-    "resnet": (64, dict(_STAGES, embedding_size=16, layer_type="basic")),
+    "regnet": (64, dict(HF_STAGES, embedding_size=16, groups_width=8)),
+    "resnet": (64, dict(HF_STAGES, embedding_size=16, layer_type="basic")),
     "segformer": (
         64,
         dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2]),
     ),
     "shieldgemma2": (32, dict()),  # filled in by _shieldgemma2_config
-    "siglip": (32, dict(vision_config=_TOWER, text_config=_TEXT)),
-    "siglip2": (32, dict(vision_config=dict(_TOWER, num_patches=16), text_config=_TEXT)),
+    "siglip": (32, dict(vision_config=_TOWER, text_config=HF_ENCODER)),
+    "siglip2": (32, dict(vision_config=dict(_TOWER, num_patches=16), text_config=HF_ENCODER)),
     "swiftformer": (64, dict(depths=[1, 1, 1, 1], embed_dims=[16, 32, 48, 64])),
-    "swin": (32, dict(_SWIN)),
-    "swinv2": (32, dict(_SWIN)),
+    "swin": (32, dict(HF_SWIN)),
+    "swinv2": (32, dict(HF_SWIN)),
     "textnet": (
         64,
         dict(
@@ -199,8 +187,8 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
         ),
     ),
     "timm_wrapper": (64, dict(architecture="resnet18", model_args=dict(layers=[1, 1, 1, 1]))),
-    "vit": (32, dict(_VIT)),
-    "vit_msn": (32, dict(_VIT)),
+    "vit": (32, dict(HF_VIT)),
+    "vit_msn": (32, dict(HF_VIT)),
 }
 """model_type -> (image side, tiny config fields), for every image-classification type."""
 
@@ -220,26 +208,6 @@ class Result:
     grid: str = ""
     status: str = "ok"
     seconds: float = 0.0
-
-
-def _first_weight_layer(model: nn.Module, x: Tensor) -> nn.Module:
-    """The first Conv2d / Linear to run on the input (stem or patch embedding)."""
-    order: list[nn.Module] = []
-    handles = [
-        m.register_forward_pre_hook(lambda m, _i: order.append(m))
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()
-            model.adapter.logits(model.backbone, x)
-    finally:
-        for h in handles:
-            h.remove()
-    if not order:
-        raise RuntimeError("no Conv2d / Linear runs on the input")
-    return order[0]
 
 
 def _prepare(model: nn.Module) -> None:
@@ -290,7 +258,8 @@ def check(model: CGCModel, result: Result) -> None:
     gen = torch.Generator().manual_seed(0)
     # four different images: BatchNorm in training mode maps a batch of two to +-1
     x = torch.randn(4, 3, *size, generator=gen)
-    stem = _first_weight_layer(model, x)
+    model.eval()
+    stem = first_weight_layer(model, lambda: model.adapter.logits(model.backbone, x))
 
     model.train()
     out = model(x, labels=torch.tensor([0, 1, 2, 0]))

@@ -17,6 +17,7 @@ from .comparison import (
 from .config import METHOD_FIELDS, CGCConfig, CGCTrainingArguments
 from .data import (
     DATASETS,
+    LOAD_FIELDS,
     CGCDataset,
     DataArguments,
     DatasetSpec,
@@ -99,6 +100,7 @@ __all__ = [
     "EvaluationArguments",
     "Explanation",
     "HubArguments",
+    "LOAD_FIELDS",
     "METHOD_FIELDS",
     "METRICS",
     "Metric",

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backbones import ADAPTERS
 from .coerce import coerce_fields
 from .errors import CGCValueError
 
@@ -31,7 +32,8 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
 
 CAM_METHODS = ("grad_x_act", "gradcam")
 CAM_TARGETS = ("predicted", "label")
-LIBRARIES = ("timm", "transformers")
+LIBRARIES = tuple(sorted(ADAPTERS))
+"""The backbone libraries, one :class:`~cgc_hf.backbones.BackboneAdapter` each."""
 
 
 @dataclass

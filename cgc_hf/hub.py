@@ -174,10 +174,7 @@ class CGCHubMixin:
                 f"{cfg.architecture!r} ({type(err).__name__}: {err}); saving it would give a "
                 f"folder that cannot be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
             ) from err
-        problems = state_dict_diff(
-            {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()},
-            {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()},
-        )
+        problems = state_dict_diff(self.backbone.state_dict(), rebuilt.state_dict())
         if problems:
             raise CheckpointError(
                 f"config.backbone_config rebuilds a different {cfg.library} architecture than "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -148,23 +150,19 @@ def read_weights(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
 
 def load_state(model: nn.Module, state: dict[str, Tensor], strict: bool, folder: Path) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not _alias_loaded(k, expected, state)]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: saved {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if mismatched:
+    diff = compare_state_dicts(
+        state, expected, optional=lambda k: _alias_loaded(k, expected, state)
+    )
+    if diff.shapes:
         raise CheckpointError(
             f"the weights in {str(folder)!r} do not fit the rebuilt architecture; "
-            f"shape mismatches: {listing(mismatched)}."
+            f"shape mismatches: {listing(diff.shapes)}."
         )
-    if missing or unexpected:
+    if diff.missing or diff.unexpected:
         text = (
             f"the weights in {str(folder)!r} do not match the rebuilt "
-            f"{type(model).__name__}: missing keys {listing(missing)}; "
-            f"unexpected keys {listing(unexpected)}"
+            f"{type(model).__name__}: missing keys {listing(diff.missing)}; "
+            f"unexpected keys {listing(diff.unexpected)}"
         )
         if strict:
             raise CheckpointError(text + ". Pass strict=False only if you know why they differ.")
@@ -185,20 +183,66 @@ def _alias_loaded(key: str, expected: dict[str, Tensor], state: dict[str, Tensor
     )
 
 
-def state_dict_diff(have: dict[str, tuple], rebuilt: dict[str, tuple]) -> str:
-    only_have = [k for k in have if k not in rebuilt]
-    only_rebuilt = [k for k in rebuilt if k not in have]
-    shapes = [
-        f"{k}: {have[k]} vs {rebuilt[k]}" for k in have if k in rebuilt and have[k] != rebuilt[k]
-    ]
-    parts = []
-    if only_have:
-        parts.append(f"keys only in the model: {listing(only_have)}")
-    if only_rebuilt:
-        parts.append(f"keys only in the rebuilt backbone: {listing(only_rebuilt)}")
-    if shapes:
-        parts.append(f"shapes model vs rebuilt: {listing(shapes)}")
-    return "; ".join(parts)
+@dataclass(frozen=True)
+class StateDictDiff:
+    """How a state dict differs from the one a model expects (see :func:`compare_state_dicts`).
+
+    Attributes:
+        missing: keys the model expects that the state dict lacks.
+        unexpected: keys of the state dict the model does not have.
+        shapes: ``"key: <source> (a, b), <model> (c, d)"`` for each key whose shapes differ.
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    shapes: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+    def describe(self, missing: str, unexpected: str, shapes: str) -> str:
+        """The non-empty lists, each after its label (``{n}`` in a label: the list's length).
+
+        Example:
+            >>> diff.describe("{n} missing", "{n} unexpected", "{n} shapes")
+            '1 missing: conv1.weight; 1 shapes: fc.weight: saved (5, 8), model (3, 8)'
+        """
+        lists = ((missing, self.missing), (unexpected, self.unexpected), (shapes, self.shapes))
+        return "; ".join(
+            f"{label.format(n=len(keys))}: {listing(keys)}" for label, keys in lists if keys
+        )
+
+
+def compare_state_dicts(
+    state: Mapping[str, Tensor],
+    expected: Mapping[str, Tensor],
+    names: tuple[str, str] = ("saved", "model"),
+    optional: Callable[[str], bool] = lambda key: False,
+) -> StateDictDiff:
+    """Every missing key, unexpected key and shape mismatch of ``state`` against ``expected``.
+
+    Args:
+        state: the weights to load (only names and shapes are read).
+        expected: the model's own ``state_dict()``.
+        names: what to call the two sides in a shape mismatch.
+        optional: expected keys whose absence is not a mismatch.
+    """
+    mine, theirs = names
+    return StateDictDiff(
+        missing=[k for k in expected if k not in state and not optional(k)],
+        unexpected=[k for k in state if k not in expected],
+        shapes=[
+            f"{k}: {mine} {tuple(state[k].shape)}, {theirs} {tuple(expected[k].shape)}"
+            for k in expected
+            if k in state and state[k].shape != expected[k].shape
+        ],
+    )
+
+
+def state_dict_diff(have: Mapping[str, Tensor], rebuilt: Mapping[str, Tensor]) -> str:
+    """The keys and shapes that differ between a model and its rebuilt architecture, as text."""
+    diff = compare_state_dicts(have, rebuilt, names=("model", "rebuilt"))
+    return diff.describe("keys only in the rebuilt backbone", "keys only in the model", "shapes")
 
 
 def listing(items: list[str], n: int = 8) -> str:

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ._io import write_file
-from .errors import CGCValueError
-from .model_files import listing
+from .backbones import adapter_for
+from .errors import CGCTypeError, CGCValueError
+from .model_files import compare_state_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ LITE0_ARCHITECTURE = "tf_efficientnet_lite0"
 
 _SAFETENSORS = (".safetensors",)
 _TORCH = (".pt", ".pth", ".bin", ".ckpt")
-_HEAD_KEYS = ("classifier.weight", "classifier.bias")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -99,25 +99,16 @@ def check_state_dict(
     """
     # BatchNorm's num_batches_tracked counter is often left out of saved weights; it is unused
     # with a fixed momentum, so its absence is not a mismatch.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatch(es): {listing(shapes, 4)}")
-    if problems:
+    diff = compare_state_dicts(
+        state, expected, ("file", "model"), optional=lambda k: k.endswith("num_batches_tracked")
+    )
+    if diff:
+        problems = diff.describe(
+            "{n} missing key(s)", "{n} unexpected key(s)", "{n} shape mismatch(es)"
+        )
         raise CGCValueError(
-            f"the weights in {source} do not fit the model: " + "; ".join(problems) + ". Pass "
-            "weights saved from the same architecture (same model_kwargs), or convert their "
-            "names first."
+            f"the weights in {source} do not fit the model: {problems}. Pass weights saved "
+            "from the same architecture (same model_kwargs), or convert their names first."
         )
 
 
@@ -156,12 +147,16 @@ def load_weights(
 
 
 def _head_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of the classifier: timm's ``pretrained_cfg['classifier']``, else the
-    ``classifier`` module that timm and transformers image classifiers mostly have."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier", "classifier")
-    names = [names] if isinstance(names, str) else list(names)
-    return {k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)}
+    """State-dict keys of the classifier, as the model's library finds it (timm's
+    ``get_classifier``, the transformers head); for a module of neither library, its
+    ``classifier`` if it has one."""
+    try:
+        heads = adapter_for(model).classifier(model)
+    except CGCTypeError:
+        heads = [getattr(model, "classifier", None)]
+    ids = {id(m) for m in heads if isinstance(m, nn.Module)}
+    prefixes = tuple(name + "." for name, m in model.named_modules() if id(m) in ids)
+    return {k for k in model.state_dict() if k.startswith(prefixes)}
 
 
 # ---------------------------------------------------------------------------- EfficientNet-Lite0

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 # Only the public API: what this script does, a user's own script can do too.
 from cgc_hf import (
+    LOAD_FIELDS,
     ArgumentGroup,
     CGCArgumentParser,
     CGCDataset,
@@ -52,7 +53,6 @@ from cgc_hf import (
     load_classifier,
     write_results,
 )
-from cgc_hf.data import LOAD_FIELDS
 
 logger = logging.getLogger("evaluate")
 

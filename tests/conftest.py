@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from cgc_hf import CGCModel  # noqa: E402
+from cgc_hf.testing import HF_STAGES, HF_SWIN, HF_VIT  # noqa: E402
 
 NUM_LABELS = 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,43 +121,30 @@ TIMM_TINY: dict[str, TinySpec] = {
     "vgg": TinySpec("vgg11", dict(mlp_ratio=1 / 64)),
 }
 
-_HF_VIT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-)
-_HF_SWIN = dict(
-    image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=2
-)
 # HF CNNs: stem stride 4 (convnext, resnet) or 2 (regnet), then 2 per later stage
-_HF_STAGES = dict(hidden_sizes=[16, 32], depths=[1, 1])
-
 HF_TINY: dict[str, TinySpec] = {
-    "resnet": TinySpec("resnet", dict(_HF_STAGES, embedding_size=16, layer_type="basic"), 64, 8),
-    "convnext": TinySpec("convnext", dict(_HF_STAGES, num_stages=2), 64, 8),
-    "convnextv2": TinySpec("convnextv2", dict(_HF_STAGES, num_stages=2), 64, 8),
-    "vit": TinySpec("vit", _HF_VIT, 32, 8, "NLC", 1),
+    "resnet": TinySpec("resnet", dict(HF_STAGES, embedding_size=16, layer_type="basic"), 64, 8),
+    "convnext": TinySpec("convnext", dict(HF_STAGES, num_stages=2), 64, 8),
+    "convnextv2": TinySpec("convnextv2", dict(HF_STAGES, num_stages=2), 64, 8),
+    "vit": TinySpec("vit", HF_VIT, 32, 8, "NLC", 1),
     "deit": TinySpec(
         "deit",
-        dict(_HF_VIT, architectures=["DeiTForImageClassificationWithTeacher"]),
+        dict(HF_VIT, architectures=["DeiTForImageClassificationWithTeacher"]),
         32,
         8,
         "NLC",
         2,
     ),
-    "beit": TinySpec("beit", dict(_HF_VIT, use_mean_pooling=True), 32, 8, "NLC", 1),
-    "swin": TinySpec("swin", _HF_SWIN, 32, 8, "NLC"),
-    "swinv2": TinySpec("swinv2", _HF_SWIN, 32, 8, "NLC"),
-    "dinov2": TinySpec("dinov2", _HF_VIT, 32, 8, "NLC", 1),
+    "beit": TinySpec("beit", dict(HF_VIT, use_mean_pooling=True), 32, 8, "NLC", 1),
+    "swin": TinySpec("swin", HF_SWIN, 32, 8, "NLC"),
+    "swinv2": TinySpec("swinv2", HF_SWIN, 32, 8, "NLC"),
+    "dinov2": TinySpec("dinov2", HF_VIT, 32, 8, "NLC", 1),
     "efficientnet": TinySpec(
         "efficientnet",
         dict(image_size=64, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320),
     ),
     "mobilenet_v2": TinySpec("mobilenet_v2", dict(image_size=64, depth_multiplier=0.25)),
-    "regnet": TinySpec("regnet", dict(_HF_STAGES, embedding_size=16, groups_width=8), 64, 8),
+    "regnet": TinySpec("regnet", dict(HF_STAGES, embedding_size=16, groups_width=8), 64, 8),
     "timm_wrapper": TinySpec(
         "timm_wrapper", dict(architecture="resnet18", model_args=dict(_RESNET))
     ),
@@ -369,6 +357,32 @@ def load_recipe(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+class FakeHfApi:
+    """Stand-in for ``huggingface_hub.HfApi`` that records calls and the uploaded files.
+
+    Patch it in with ``monkeypatch.setattr(cgc_hf.hub, "HfApi", FakeHfApi)`` and clear
+    :attr:`instances` first; each client the code under test makes is appended there.
+    """
+
+    instances: list[FakeHfApi] = []
+
+    def __init__(self, token=None, **kwargs):
+        self.token = token
+        self.calls: list[tuple[str, dict]] = []
+        self.files: dict[str, bytes] = {}
+        FakeHfApi.instances.append(self)
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        repo_id = kwargs["repo_id"]
+        return type("RepoUrl", (str,), {"repo_id": repo_id})("https://hf.co/" + repo_id)
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        self.files = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
+        return f"https://huggingface.co/{kwargs['repo_id']}/commit/123"
 
 
 class NoiseImages(torch.utils.data.Dataset):

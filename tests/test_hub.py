@@ -15,6 +15,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from conftest import FakeHfApi
 from transformers import (
     AutoModelForImageClassification,
     SwinConfig,
@@ -25,6 +26,7 @@ from transformers import (
 
 import cgc_hf.hub as hub
 from cgc_hf import CGCModel, CheckpointError, model_card
+from cgc_hf.testing import HF_SWIN, HF_VIT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -62,30 +64,13 @@ def timm_swin() -> CGCModel:  # NHWC features
 
 
 def hf_vit() -> CGCModel:
-    config = ViTConfig(
-        image_size=SIZE,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        id2label=LABELS,
-    )
+    config = ViTConfig(**dict(HF_VIT, image_size=SIZE), num_labels=3, id2label=LABELS)
     return CGCModel.from_backbone(ViTForImageClassification(config))
 
 
 def hf_swin() -> CGCModel:
-    config = SwinConfig(
-        image_size=SIZE,
-        patch_size=4,
-        window_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[1, 2],
-        num_labels=3,
-        id2label=LABELS,
-    )
+    fields = dict(HF_SWIN, image_size=SIZE, window_size=4)
+    config = SwinConfig(**fields, num_labels=3, id2label=LABELS)
     return CGCModel.from_backbone(SwinForImageClassification(config))
 
 
@@ -431,28 +416,6 @@ def test_hf_hub_offline_env_is_honoured(saved, tmp_path, monkeypatch) -> None:
 
 
 # ---------------------------------------------------------------------------------- push
-class FakeHfApi:
-    """Stand-in for huggingface_hub.HfApi that records calls and the uploaded files."""
-
-    instances: list[FakeHfApi] = []
-
-    def __init__(self, token=None, **kwargs):
-        self.token = token
-        self.calls: list[tuple[str, dict]] = []
-        self.files: dict[str, bytes] = {}
-        FakeHfApi.instances.append(self)
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-        return type("RepoUrl", (str,), {"repo_id": kwargs["repo_id"]})("https://hf.co/x")
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        folder = Path(kwargs["folder_path"])
-        self.files = {p.name: p.read_bytes() for p in folder.iterdir()}
-        return "https://huggingface.co/org/cgc/commit/123"
-
-
 def test_push_to_hub_uploads_the_saved_folder(saved, tmp_path, monkeypatch, caplog) -> None:
     model, _ = saved
     FakeHfApi.instances.clear()

@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+
+from conftest import FakeHfApi, load_recipe
 
 from cgc_hf import CGCModel, hub
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_StandInTokenNeverWritten42"
-
-
-class RecordingHfApi:
-    """Records the repository calls and a copy of every uploaded file."""
-
-    instances: list[RecordingHfApi] = []
-
-    def __init__(self, token=None, **kwargs):
-        self.token = token
-        self.calls: list[tuple[str, dict]] = []
-        self.files: dict[str, bytes] = {}
-        RecordingHfApi.instances.append(self)
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-        return type("RepoUrl", (str,), {"repo_id": kwargs["repo_id"]})(
-            "https://hf.co/" + kwargs["repo_id"]
-        )
-
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        self.files = {p.name: p.read_bytes() for p in Path(kwargs["folder_path"]).iterdir()}
-        return "https://huggingface.co/user/tiny-cgc/commit/abc"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location(
-        "finetune_recipe", ROOT / "recipes" / "finetune.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_push_to_hub_uploads_the_final_model_and_prints_its_url(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub, "HfApi", RecordingHfApi)
-    RecordingHfApi.instances.clear()
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    FakeHfApi.instances.clear()
     out = tmp_path / "run"
-    _recipe().main(
+    load_recipe("finetune").main(
         [
             "--model", "test_resnet", "--image_size", "32",
             "--synthetic_kwargs", '{"num_classes": 3, "train_size": 24, "eval_size": 6}',
@@ -59,7 +26,7 @@ def test_push_to_hub_uploads_the_final_model_and_prints_its_url(tmp_path, monkey
             "--hub_token", SECRET,
         ]
     )  # fmt: skip
-    (api,) = RecordingHfApi.instances
+    (api,) = FakeHfApi.instances
     assert api.token == SECRET  # the token reaches the client...
     (create,) = [kw for name, kw in api.calls if name == "create_repo"]
     assert create["repo_id"] == "user/tiny-cgc" and create["private"] is True
@@ -73,7 +40,7 @@ def test_push_to_hub_uploads_the_final_model_and_prints_its_url(tmp_path, monkey
     assert "library_name: cgc_hf" in card
     assert "Top-1 accuracy" in card  # the run's evaluation table travels with the model
     assert (
-        "pushed to the Hub: https://huggingface.co/user/tiny-cgc/commit/abc"
+        "pushed to the Hub: https://huggingface.co/user/tiny-cgc/commit/123"
         in capsys.readouterr().out
     )
     # What was uploaded loads back as the model the run saved.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import errno
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import OFFLINE_ENV as ENV
-from conftest import ROOT, run_script, tiny_model
+from conftest import ROOT, load_recipe, run_script, tiny_model
 from PIL import Image
 
 from cgc_hf import (
@@ -422,16 +421,9 @@ def test_out_of_memory_at_build_and_in_a_step_is_advice(tmp_path, monkeypatch, e
 
 
 # ---------------------------------------------------------------------------------- bad input
-def _recipe_module():
-    spec = importlib.util.spec_from_file_location("finetune_under_test", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return _recipe_module()
+    return load_recipe("finetune")
 
 
 def _write_image(path: Path, mode: str, rng: np.random.Generator) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import write_file
 from ..errors import DataError, close_matches, first_line
 
 
@@ -120,14 +121,15 @@ def save_split(
     unlabeled_idx: Sequence[int],
     meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write a labeled / unlabeled split as JSON, so a run can record and reuse it."""
+    """Write a labeled / unlabeled split as JSON (atomically), so a run can record and reuse it."""
     payload = {
         "labeled_idx": [int(i) for i in labeled_idx],
         "unlabeled_idx": [int(i) for i in unlabeled_idx],
         "meta": dict(meta or {}),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload))
+    text = json.dumps(payload)  # one line: a split can hold a million indices
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def load_split(path: str | os.PathLike) -> tuple[list[int], list[int], dict[str, Any]]:

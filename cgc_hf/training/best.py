@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..evaluation import METRICS, PREFIX
+from ..evaluation import PREFIX, metric
 from .checkpoints import CHECKPOINT_PREFIX, TrainerState
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ def greater_is_better(args: Any) -> bool:
     """``args.greater_is_better``, else the metric's own direction in :data:`METRICS`."""
     if args.greater_is_better is not None:
         return bool(args.greater_is_better)
-    key = metric_key(args.metric_for_best_model)
-    return next((m.higher_is_better for m in METRICS if f"{PREFIX}{m.key}" == key), True)
+    found = metric(args.metric_for_best_model or "")
+    return found.higher_is_better if found is not None else True
 
 
 class BestModel:
