@@ -1,8 +1,8 @@
 """Options of the recipes that are neither the method's nor the trainer's: the model, the Hub.
 
 Field names follow transformers' image-classification example (``--model_name_or_path``,
-``--token``, ``--push_to_hub``, ``--trust_remote_code``, ``--ignore_mismatched_sizes``), so its
-users' flags work.
+``--model_revision``, ``--cache_dir``, ``--token``, ``--push_to_hub``, ``--trust_remote_code``,
+``--ignore_mismatched_sizes``), so its users' flags work.
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ class ModelArguments:
     image_size: int | None = option(
         None, "Input side in pixels (default: the model's; the recipe's for data)."
     )
+    model_revision: str | None = option(
+        None, "Branch, tag or commit of the model's Hub repository (default: its default branch)."
+    )
+    cache_dir: str | None = option(
+        None, "Folder of downloaded models and datasets (default: the Hugging Face cache)."
+    )
     target_layer: str | None = option(None, "Module to explain (default: resolved automatically).")
     no_cgc: bool = option(False, "cgc_lambda=0: the plain fine-tuning baseline.")
     trust_remote_code: bool = option(
@@ -80,7 +86,8 @@ class HubArguments:
     hub_private_repo: bool | None = option(None, "Create the repository as private.")
     token: str | None = option(
         None,
-        "Hub token of --push_to_hub (default: the cached login). Never saved or logged.",
+        "Hub token of the model's download (private / gated repositories) and of "
+        "--push_to_hub (default: the cached login). Never saved or logged.",
         aliases=["--hub_token"],
     )
 

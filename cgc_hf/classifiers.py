@@ -112,7 +112,7 @@ def _from_name(text: str, revision: str | None, token: str | bool | None) -> CGC
     from .backbones import is_timm_name
 
     if is_timm_name(text) and not text.startswith("timm/"):
-        return _from_backbone(text, text)
+        return _from_backbone(text, text, revision, token)
     missing = (
         f"model {text!r}: no such directory. Give the folder save_pretrained wrote (e.g. "
         "<finetune output_dir>/model), a timm name or a Hub id"
@@ -125,7 +125,7 @@ def _from_name(text: str, revision: str | None, token: str | bool | None) -> CGC
     except CheckpointError as err:
         first = err
     try:  # any other classifier on the Hub
-        return _from_backbone(text, text)
+        return _from_backbone(text, text, revision, token)
     except (CheckpointError, CGCValueError) as err:
         second = err
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
@@ -134,9 +134,11 @@ def _from_name(text: str, revision: str | None, token: str | bool | None) -> CGC
     raise CheckpointError(f"{missing}; as a Hub id it did not load ({why}).")
 
 
-def _from_backbone(text: str, source: str) -> CGCModel:
+def _from_backbone(
+    text: str, source: str, revision: str | None = None, token: str | bool | None = None
+) -> CGCModel:
     try:
-        return CGCModel.from_backbone(source, pretrained=True)
+        return CGCModel.from_backbone(source, pretrained=True, revision=revision, token=token)
     except CGCError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError) as err:

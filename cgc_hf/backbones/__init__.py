@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CGCMemoryError, CGCTypeError, CGCValueError
-from .base import BackboneAdapter
+from .base import DEFAULT_HUB, BackboneAdapter, HubOptions
 from .timm import TimmAdapter, is_timm_name
 from .transformers import TransformersAdapter
 
@@ -92,6 +92,7 @@ def create_backbone(
     id2label: dict[int, str] | None = None,
     pretrained: bool = True,
     model_kwargs: dict[str, Any] | None = None,
+    hub: HubOptions = DEFAULT_HUB,
 ) -> Backbone:
     """Create (or adopt) a classifier with ``num_labels`` outputs.
 
@@ -102,6 +103,8 @@ def create_backbone(
         id2label: class names, ``{index: name}``.
         pretrained: load pretrained weights (ignored for instances).
         model_kwargs: extra arguments of ``timm.create_model`` or of the transformers config.
+        hub: revision, cache folder and token of a named model's downloads (ignored for
+            instances); what timm cannot apply is refused.
 
     Returns:
         The :class:`Backbone`.
@@ -110,7 +113,7 @@ def create_backbone(
         CGCMemoryError: the model does not fit in memory.
     """
     try:
-        return _create(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+        return _create(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
     except (torch.OutOfMemoryError, MemoryError) as err:
         name = name_or_model if isinstance(name_or_model, str) else type(name_or_model).__name__
         raise CGCMemoryError(
@@ -127,6 +130,7 @@ def _create(
     id2label: dict[int, str] | None,
     pretrained: bool,
     model_kwargs: dict[str, Any] | None,
+    hub: HubOptions,
 ) -> Backbone:
     model_kwargs = dict(model_kwargs or {})
     base_model = None
@@ -139,7 +143,7 @@ def _create(
         # "timm/<repo>" Hub ids load through transformers' timm_wrapper
         timm_name = is_timm_name(name_or_model) and not name_or_model.startswith("timm/")
         adapter = ADAPTERS["timm"] if timm_name else ADAPTERS["transformers"]
-        model = adapter.create(name_or_model, num_labels, id2label, pretrained, model_kwargs)
+        model = adapter.create(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
         if pretrained:
             base_model = adapter.base_model(model, name_or_model)
     else:
@@ -157,6 +161,7 @@ __all__ = [
     "ADAPTERS",
     "Backbone",
     "BackboneAdapter",
+    "HubOptions",
     "TimmAdapter",
     "TransformersAdapter",
     "adapter_for",

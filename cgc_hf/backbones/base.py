@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -14,6 +16,34 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """Where a named model's files come from: the Hub options of transformers' ``from_pretrained``.
+
+    Never saved with the model: the token is a secret, and the revision and cache folder say
+    where the files were found, not what the model is (its weights and description are saved).
+
+    Attributes:
+        revision: branch, tag or commit of the Hub repository (``None``: its default branch).
+        cache_dir: folder of downloaded files (``None``: the huggingface_hub / timm cache).
+        token: Hub token for private or gated repositories (``None``: the cached login).
+    """
+
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    token: str | bool | None = field(default=None, repr=False)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options that are set, by their ``from_pretrained`` names."""
+        cache_dir = os.fspath(self.cache_dir) if self.cache_dir is not None else None
+        given = {"revision": self.revision, "cache_dir": cache_dir, "token": self.token}
+        return {k: v for k, v in given.items() if v is not None}
+
+
+DEFAULT_HUB = HubOptions()
+"""No Hub option set: each library's defaults (default branch, its cache, the saved login)."""
 
 
 class BackboneAdapter(ABC):
@@ -44,8 +74,9 @@ class BackboneAdapter(ABC):
         id2label: dict[int, str] | None,
         pretrained: bool,
         model_kwargs: dict[str, Any],
+        hub: HubOptions = DEFAULT_HUB,
     ) -> nn.Module:
-        """Build the classifier ``name`` with ``num_labels`` outputs."""
+        """Build the classifier ``name`` with ``num_labels`` outputs; downloads follow ``hub``."""
 
     @abstractmethod
     def describe(
@@ -85,7 +116,9 @@ class BackboneAdapter(ABC):
         """Replace the classifier by a new one with ``num_labels`` outputs."""
 
     @abstractmethod
-    def data_config(self, model: nn.Module, source: str | None) -> dict[str, Any]:
+    def data_config(
+        self, model: nn.Module, source: str | None, hub: HubOptions = DEFAULT_HUB
+    ) -> dict[str, Any]:
         """Input size, mean, std, interpolation and crop of the backbone (JSON values).
 
         The input size is the instance's own (a model built with ``img_size=64`` is fed 64 px);
@@ -95,6 +128,7 @@ class BackboneAdapter(ABC):
             model: the classifier.
             source: the name or folder it was created from, whose saved preprocessing
                 (transformers image processor) is read; ``None`` for an instance.
+            hub: where ``source``'s files come from.
         """
 
     def target_hints(self, model: nn.Module) -> tuple[str | None, int | None]:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from ..errors import CGCValueError
-from .base import BackboneAdapter, jsonable, pair
+from .base import DEFAULT_HUB, BackboneAdapter, HubOptions, jsonable, pair
 
 if TYPE_CHECKING:
     from ..config import CGCConfig
@@ -50,6 +53,7 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
         id2label: dict[int, str] | None,
         pretrained: bool,
         model_kwargs: dict[str, Any],
+        hub: HubOptions = DEFAULT_HUB,
     ) -> nn.Module:
         import timm
 
@@ -60,8 +64,10 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
             # pretrained_cfg keeps the registry's input size otherwise; the saved description
             # (and a plain-timm reader of it) should state the size the model was built for.
             kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *pair(kwargs["img_size"]))}
+        name = _apply_hub_options(name, pretrained, kwargs, hub)
         try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+            with _hub_token(hub.token):
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
         except TypeError as err:  # an argument the model's constructor does not take
             if not model_kwargs or "argument" not in str(err):
                 raise
@@ -110,8 +116,10 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
     def reset_head(self, model: nn.Module, num_labels: int) -> None:
         model.reset_classifier(num_labels)
 
-    def data_config(self, model: nn.Module, source: str | None) -> dict[str, Any]:
-        import timm.data
+    def data_config(
+        self, model: nn.Module, source: str | None, hub: HubOptions = DEFAULT_HUB
+    ) -> dict[str, Any]:
+        import timm.data  # the instance's pretrained_cfg: no file to read
 
         cfg = dict(timm.data.resolve_model_data_config(model))
         size = instance_input_size(model)
@@ -170,7 +178,7 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
     def base_model(self, model: nn.Module, source: str | None) -> str | None:
         hub_id = getattr(model, "pretrained_cfg", {}).get("hf_hub_id")
         if isinstance(hub_id, str) and hub_id:
-            return hub_id
+            return hub_id.split("@")[0]  # timm's "repo@revision": the repository has the page
         if source and source.startswith("hf-hub:"):
             return source.removeprefix("hf-hub:").split("@")[0]
         return None
@@ -178,6 +186,87 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
     def license(self, model: nn.Module) -> str | None:
         value = getattr(model, "pretrained_cfg", {}).get("license")
         return value if isinstance(value, str) and value else None
+
+
+def _apply_hub_options(name: str, pretrained: bool, kwargs: dict[str, Any], hub: HubOptions) -> str:
+    """What timm supports of transformers' Hub options: ``kwargs`` gain them; returns the name.
+
+    ``cache_dir`` is ``create_model``'s own argument. A revision is timm's ``repo@revision``:
+    in an ``hf-hub:`` name (config and weights), else in the ``hf_hub_id`` the pretrained
+    weights download from. Anything else is refused, not ignored.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if hub.cache_dir is not None:
+        if "cache_dir" not in inspect.signature(timm.create_model).parameters:
+            raise CGCValueError(
+                f"cache_dir={os.fspath(hub.cache_dir)!r}: timm {timm.__version__}'s create_model "
+                "takes no cache_dir; upgrade timm (pip install -U timm) or leave cache_dir unset "
+                "(downloads then go to the huggingface_hub cache, HF_HUB_CACHE)."
+            )
+        given = kwargs.get("cache_dir")
+        if given is not None and os.fspath(given) != os.fspath(hub.cache_dir):
+            raise CGCValueError(
+                f"cache_dir={os.fspath(hub.cache_dir)!r} conflicts with model_kwargs cache_dir="
+                f"{given!r}; give one of them."
+            )
+        kwargs["cache_dir"] = os.fspath(hub.cache_dir)
+    revision = hub.revision
+    if revision is None:
+        return name
+    if name.startswith("local-dir:"):
+        raise CGCValueError(
+            f"revision={revision!r} does not apply to the local folder {name!r}; leave it unset."
+        )
+    if name.startswith("hf-hub:"):
+        repo, _, pinned = name.partition("@")
+        if pinned and pinned != revision:
+            raise CGCValueError(
+                f"revision={revision!r} conflicts with the revision in the model name {name!r}; "
+                "give one of them."
+            )
+        return f"{repo}@{revision}"
+    if not pretrained:
+        return name  # a registry architecture with random weights downloads nothing
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = get_pretrained_cfg(name, allow_unregistered=True)
+    hub_id = overlay.get("hf_hub_id") or (cfg.hf_hub_id if cfg is not None else None)
+    if not hub_id:
+        raise CGCValueError(
+            f"revision={revision!r} applies to weights on the Hugging Face Hub, and timm's "
+            f"{name!r} downloads its weights from {getattr(cfg, 'url', None) or 'no repository'}; "
+            "leave revision unset, or name a Hub repository as 'hf-hub:<user>/<repo>'."
+        )
+    overlay["hf_hub_id"] = f"{hub_id.split('@')[0]}@{revision}"
+    kwargs["pretrained_cfg_overlay"] = overlay
+    return name
+
+
+@contextmanager
+def _hub_token(token: str | bool | None) -> Iterator[None]:
+    """Make ``token`` the Hub token of the downloads inside the block.
+
+    timm's downloads take no token argument; huggingface_hub reads ``HF_TOKEN`` at each request
+    (before the saved login), so the token is set there for the block only and never written.
+    """
+    if token is None or token is True:  # True: the saved login, huggingface_hub's default
+        yield
+        return
+    if token is False:
+        raise CGCValueError(
+            "token=False (no token) is not supported for timm downloads, which always send the "
+            "saved login or HF_TOKEN; pass a token string or leave token unset."
+        )
+    previous = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = previous
 
 
 def instance_input_size(model: nn.Module) -> tuple[int, int] | None:

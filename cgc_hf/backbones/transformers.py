@@ -14,7 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CGCValueError, close_matches
-from .base import IMAGENET_MEAN, IMAGENET_STD, BackboneAdapter, jsonable, pair
+from .base import (
+    DEFAULT_HUB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneAdapter,
+    HubOptions,
+    jsonable,
+    pair,
+)
 from .timm import TimmAdapter
 
 if TYPE_CHECKING:
@@ -54,12 +62,20 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         id2label: dict[int, str] | None,
         pretrained: bool,
         model_kwargs: dict[str, Any],
+        hub: HubOptions = DEFAULT_HUB,
     ) -> nn.Module:
         import transformers
         from transformers import AutoConfig, AutoModelForImageClassification
 
         refuse_remote_code(name, model_kwargs)
         kwargs: dict[str, Any] = dict(model_kwargs)
+        for key, value in hub.kwargs().items():
+            if key in kwargs and kwargs[key] != value:
+                shown = "<token>" if key == "token" else repr(value)
+                raise CGCValueError(
+                    f"{key}={shown} conflicts with the model_kwargs {key}; give one of them."
+                )
+            kwargs[key] = value  # from_pretrained's own arguments, not config fields
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         if id2label is not None:
@@ -170,7 +186,9 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
             setattr(parent, name.rpartition(".")[2], new.to(lin.weight.device, lin.weight.dtype))
         model.config.num_labels = num_labels
 
-    def data_config(self, model: nn.Module, source: str | None) -> dict[str, Any]:
+    def data_config(
+        self, model: nn.Module, source: str | None, hub: HubOptions = DEFAULT_HUB
+    ) -> dict[str, Any]:
         timm_model = getattr(model, "timm_model", None)
         if isinstance(timm_model, nn.Module):
             return _TIMM.data_config(timm_model, None)  # timm_wrapper: timm's own data config
@@ -180,7 +198,7 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
             "interpolation": "bilinear",
         }
         size = instance_image_size(model) or (224, 224)
-        processor = _load_processor(source) if source is not None else None
+        processor = _load_processor(source, hub) if source is not None else None
         if processor is not None:
             read = processor_data_config(processor)
             given = read.get("input_size")
@@ -373,11 +391,11 @@ def _remote_code_error(name: str) -> CGCValueError:
     )
 
 
-def _load_processor(source: str) -> Any | None:
+def _load_processor(source: str, hub: HubOptions = DEFAULT_HUB) -> Any | None:
     from transformers import AutoImageProcessor
 
     try:
-        return AutoImageProcessor.from_pretrained(source, trust_remote_code=False)
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=False, **hub.kwargs())
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
         # no processor saved with the model: ImageNet statistics at the instance's size
         logger.debug("no image processor for %s (%s)", source, err)
