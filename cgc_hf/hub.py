@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -165,21 +166,16 @@ class CGCHubMixin:
                 "reloaded model could compute something else. Build it with CGCModel.from_backbone("
                 f"{cfg.architecture!r}, model_kwargs=...) using only plain values."
             )
-        try:
+        fix = adapter.rebuild_hint(self.backbone, cfg)
+        with _rebuilding(cfg, f"saving it would give a folder that cannot be loaded. {fix}"):
             with torch.device("meta"):  # structure only: no memory, no initialisation cost
                 rebuilt = adapter.rebuild(cfg.architecture, cfg.backbone_config)
-        except (TypeError, ValueError, RuntimeError, KeyError) as err:
-            raise CheckpointError(
-                f"config.backbone_config does not rebuild the {cfg.library} backbone "
-                f"{cfg.architecture!r} ({type(err).__name__}: {err}); saving it would give a "
-                f"folder that cannot be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
-            ) from err
         problems = state_dict_diff(self.backbone.state_dict(), rebuilt.state_dict())
         if problems:
             raise CheckpointError(
                 f"config.backbone_config rebuilds a different {cfg.library} architecture than "
                 f"the model's backbone {cfg.architecture!r} ({problems}), so the saved folder "
-                f"could not be loaded. {adapter.rebuild_hint(self.backbone, cfg)}"
+                f"could not be loaded. {fix}"
             )
 
     # ------------------------------------------------------------------------------ load
@@ -248,14 +244,8 @@ class CGCHubMixin:
         )
         config = read_config(folder, num_labels)
         state = read_weights(folder, allow_pickle)
-        try:
+        with _rebuilding(config, f"saved in {folder}; it may need a newer {config.library}."):
             model = cls(config)
-        except (TypeError, ValueError, RuntimeError, KeyError) as err:
-            raise CheckpointError(
-                f"cannot rebuild the {config.library} backbone {config.architecture!r} saved in "
-                f"{folder} ({type(err).__name__}: {err}). The file may need a newer "
-                f"{config.library}."
-            ) from err
         load_state(model, state, strict, folder)
         model.to(device)
         model.eval()  # documented: loaded models are for inference until .train() is called
@@ -406,6 +396,19 @@ def _write_atomically(
         return replace_folder(dest, write)
     except OSError as err:
         raise CheckpointError(f"could not write {what} to {str(dest)!r}: {err}") from err
+
+
+@contextmanager
+def _rebuilding(config: CGCConfig, consequence: str) -> Iterator[None]:
+    """Report an error of the backbone library while the block rebuilds ``config``'s
+    architecture as one :class:`CheckpointError` line, followed by ``consequence``."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(
+            f"cannot rebuild the {config.library} backbone {config.architecture!r} from "
+            f"config.backbone_config ({type(err).__name__}: {err}); {consequence}"
+        ) from err
 
 
 # ---------------------------------------------------------------------------------- reading

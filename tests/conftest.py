@@ -405,6 +405,34 @@ class Stop(Exception):
     """Raised by :func:`tiny_trainer`'s ``stop_at``: the run is interrupted there."""
 
 
+def tiny_args(out: str | Path, **options: Any):
+    """The training arguments of the tiny runs: output in ``out``, batches of 4, no figures,
+    seed 3; ``options`` override them."""
+    from cgc_hf import CGCTrainingArguments
+
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        figure_images=0,
+        seed=3,
+    )
+    return CGCTrainingArguments(**{**base, **options})
+
+
+def stop_after(trainer: Any, step: int | None) -> None:
+    """Make ``trainer`` raise :class:`Stop` after optimizer step ``step`` (as a kill would stop
+    the run there); ``None`` leaves it as it is."""
+    if step is None:
+        return
+
+    def step_end() -> None:
+        if trainer.state.global_step == step:
+            raise Stop
+
+    trainer._step_end = step_end
+
+
 def tiny_trainer(
     out: str | Path,
     model: CGCModel | None = None,
@@ -414,34 +442,20 @@ def tiny_trainer(
     **options: Any,
 ):
     """A :class:`CGCTrainer` of :func:`tiny_model` on noise images: 8 labeled (+ 6 unlabeled), 4
-    eval, batches of 4, seed 3; ``options`` override the training arguments. With ``stop_at`` the
-    run raises :class:`Stop` after that optimizer step (as a kill would stop it)."""
-    from cgc_hf import CGCTrainer, CGCTrainingArguments
+    eval, :func:`tiny_args` with 6 steps and a checkpoint every 2; ``options`` override the
+    training arguments. With ``stop_at`` the run raises :class:`Stop` after that optimizer step
+    (as a kill would stop it)."""
+    from cgc_hf import CGCTrainer
 
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        figure_images=0,
-        seed=3,
-        max_train_steps=6,
-        checkpointing_steps=2,
-    )
     trainer = CGCTrainer(
         model or tiny_model(),
-        CGCTrainingArguments(**{**base, **options}),
+        tiny_args(out, **{"max_train_steps": 6, "checkpointing_steps": 2, **options}),
         NoiseImages(8),
         NoiseImages(4, 1),
         unlabeled_dataset=NoiseImages(6, 2) if unlabeled else None,
         run_info=run_info,
     )
-    if stop_at is not None:
-
-        def step_end() -> None:
-            if trainer.state.global_step == stop_at:
-                raise Stop
-
-        trainer._step_end = step_end
+    stop_after(trainer, stop_at)
     return trainer
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_hf, tiny_timm
+from conftest import Stop, stop_after, tiny_args, tiny_hf, tiny_timm
 
 from cgc_hf import CGCModel, CropFlip, sample_crop_flip
 
@@ -251,34 +251,21 @@ class _Items(torch.utils.data.Dataset):
         return {"pixel_values": x, "labels": torch.tensor(i % 3)}
 
 
-class _Stop(Exception):
-    pass
-
-
 def _train(out: Path, workers: int, stop_at: int | None = None, resume: str | None = None):
-    from cgc_hf import CGCTrainer, CGCTrainingArguments
+    from cgc_hf import CGCTrainer
 
     torch.manual_seed(0)
     model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, input_size=32)
-    args = CGCTrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
+    args = tiny_args(
+        out,
         unlabeled_batch_size=3,
         max_train_steps=6,
         checkpointing_steps=2,
-        figure_images=0,
-        seed=3,
         dataloader_num_workers=workers,
         resume_from_checkpoint=resume,
     )
     trainer = CGCTrainer(model, args, _Items(10, 0), unlabeled_dataset=_Items(7, 1))
-    if stop_at is not None:
-
-        def step_end():
-            if trainer.state.global_step == stop_at:
-                raise _Stop
-
-        trainer._step_end = step_end
+    stop_after(trainer, stop_at)
     trainer.train()
     return model
 
@@ -290,7 +277,7 @@ def test_loader_workers_resume_to_the_single_process_run(tmp_path):
     reference = _train(tmp_path / "ref", workers=0).state_dict()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    with pytest.raises(_Stop):
+    with pytest.raises(Stop):
         _train(tmp_path / "run", workers=2, stop_at=3)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

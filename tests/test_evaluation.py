@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_recipe, tiny_hf_backbone
+from conftest import load_recipe, tiny_args, tiny_hf_backbone
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -394,13 +394,12 @@ def test_trainer_recipe_and_card_report_the_same_numbers(tmp_path, fresh_acceler
     """
     seed = 5
     synth, model, train_ds, eval_ds = _tiny_run(seed, eval_size=7, eval_split="test")
-    args = CGCTrainingArguments(
-        output_dir=str(tmp_path / "run"),
+    args = tiny_args(
+        tmp_path / "run",
         max_train_steps=1,
         per_device_train_batch_size=3,
         per_device_eval_batch_size=3,
         eval_insertion_steps=2,
-        figure_images=0,
         seed=seed,
     )
     trainer = CGCTrainer(

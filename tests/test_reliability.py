@@ -26,14 +26,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import OFFLINE_ENV as ENV
-from conftest import ROOT, load_recipe, run_script, tiny_model
+from conftest import ROOT, load_recipe, run_script, tiny_model, tiny_trainer
 from PIL import Image
 
 from cgc_hf import (
     CGCError,
     CGCMemoryError,
     CGCModel,
-    CGCTrainingArguments,
     CheckpointError,
     build_transform,
 )
@@ -264,34 +263,9 @@ def test_random_kills_and_damaged_checkpoints_end_exact_or_name_the_damage(tmp_p
 
 
 # ---------------------------------------------------------------------------------- in-process
-SIZE = 32
-
-
-class Noise(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, SIZE, SIZE, generator=g)
-        self.y = torch.arange(n) % 3
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def trainer_for(tmp_path, model=None, **kw) -> CGCTrainer:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        figure_images=0,
-        seed=3,
-        max_train_steps=4,
-        checkpointing_steps=2,
-    )
-    base.update(kw)
-    return CGCTrainer(model or tiny_model(), CGCTrainingArguments(**base), Noise(8), Noise(4, 1))
+    """:func:`tiny_trainer` in ``tmp_path / "run"``: 4 steps, no unlabeled data."""
+    return tiny_trainer(tmp_path / "run", model, unlabeled=False, **{"max_train_steps": 4, **kw})
 
 
 def state_of(model: CGCModel) -> dict[str, torch.Tensor]:

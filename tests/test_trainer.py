@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from conftest import TRAIN_SIZE as SIZE
-from conftest import tiny_model
+from conftest import tiny_args, tiny_model
 
 from cgc_hf import CGCError, CGCModel, CGCTrainingArguments, CGCValueError
 from cgc_hf.sampling import EpochSampler
@@ -54,16 +54,7 @@ class Tiny(torch.utils.data.Dataset):
 
 
 def args_for(tmp_path, **kw) -> CGCTrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        logging_steps=1,
-        figure_images=0,
-        seed=3,
-    )
-    base.update(kw)
-    return CGCTrainingArguments(**base)
+    return tiny_args(tmp_path / "run", **{"logging_steps": 1, **kw})
 
 
 # ---------------------------------------------------------------------------------- arguments
