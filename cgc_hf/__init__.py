@@ -65,7 +65,7 @@ from .metrics import (
 from .modeling import CGCModel
 from .synthetic import make_synthetic
 from .targets import TargetLayer, resolve_target
-from .training import CGCTrainer, latest_checkpoint, set_seed
+from .training import CGCTrainer, latest_checkpoint, loader_options, set_seed
 from .visualize import (
     comparison_figures,
     denormalize,
@@ -133,6 +133,7 @@ __all__ = [
     "latest_checkpoint",
     "linear_head_cam",
     "load_classifier",
+    "loader_options",
     "load_split",
     "load_splits",
     "make_synthetic",

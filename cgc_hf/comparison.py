@@ -55,8 +55,12 @@ class EvaluationArguments:
         default=CGCTrainingArguments.per_device_eval_batch_size,
         metadata={"help": "Images per device and batch (the numbers do not depend on it)."},
     )
-    dataloader_num_workers: int = field(
-        default=0, metadata={"help": "Worker processes loading the images."}
+    dataloader_num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Worker processes loading the images (default: as in training, "
+            "min(8, CPU cores - 1) on an accelerator, 0 on the CPU)."
+        },
     )
     insertion_steps: int = field(
         default=0,

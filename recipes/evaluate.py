@@ -51,6 +51,7 @@ from cgc_hf import (
     evaluate,
     format_table,
     load_classifier,
+    loader_options,
     write_results,
 )
 
@@ -108,7 +109,8 @@ def run(args: EvaluationArguments, data_args: DataArguments) -> dict[str, Any]:
             datasets[name],
             batch_size=args.per_device_eval_batch_size,
             collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
+            # One pass per model: workers end with it.
+            **{**loader_options(args, accelerator.device), "persistent_workers": False},
         )
         logger.info("evaluating %s on %d images", name, len(rows))
         # prepare() shards the loader over the processes; evaluate() gathers the values back,

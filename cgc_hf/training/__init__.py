@@ -9,6 +9,7 @@
 """
 
 from .checkpoints import COMPLETE, TrainerState, complete_checkpoints, latest_checkpoint
+from .loaders import loader_options
 from .loop import CGCTrainer, set_seed
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "TrainerState",
     "complete_checkpoints",
     "latest_checkpoint",
+    "loader_options",
     "set_seed",
 ]

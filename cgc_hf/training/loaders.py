@@ -9,6 +9,7 @@ exactly where it stopped.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,14 +25,81 @@ from .checkpoints import TrainerState
 Collate = Callable[[list[Any]], dict[str, Tensor]]
 
 
+MAX_DEFAULT_WORKERS = 8
+"""Most worker processes per loader the default picks (timm's ``train.py`` uses 4 by default)."""
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
+    if count is not None:
+        return count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def default_num_workers(device: torch.device | str, local_processes: int | None = None) -> int:
+    """Workers per loader for ``dataloader_num_workers=None``.
+
+    On an accelerator the training process mostly waits for the device, so decoding moves to
+    ``min(8, cores per process - 1)`` workers (one core stays with the training process). On
+    the CPU the model's own threads already use every core, and a worker only takes cores
+    from them (the default job on 2 cores is slower with workers, see the README's
+    Benchmarks > Loader), so images are decoded in the training process.
+
+    Args:
+        device: where the model trains (``accelerator.device``).
+        local_processes: training processes on this machine (default: ``LOCAL_WORLD_SIZE``,
+            which ``torchrun`` / ``accelerate launch`` set, else 1).
+    """
+    if torch.device(device).type == "cpu":
+        return 0
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_process = usable_cpus() // max(1, local_processes)
+    return max(0, min(MAX_DEFAULT_WORKERS, per_process - 1))
+
+
+def loader_options(
+    args: Any, device: torch.device | str = "cpu", local_processes: int | None = None
+) -> dict[str, Any]:
+    """The ``DataLoader`` keywords for worker processes, pinned memory and prefetching.
+
+    Args:
+        args: ``dataloader_num_workers`` (``None``: :func:`default_num_workers`), and optionally
+            ``dataloader_pin_memory`` and ``dataloader_prefetch_factor``.
+        device: where the model trains; memory is pinned only for a CUDA device.
+        local_processes: training processes on this machine (see :func:`default_num_workers`).
+    """
+    workers = args.dataloader_num_workers
+    if workers is None:
+        workers = default_num_workers(device, local_processes)
+    options: dict[str, Any] = {
+        "num_workers": workers,
+        # Workers live for the whole run (the unlabeled pool is cycled many times, evaluation
+        # recurs); items are seeded by (epoch, index), not by worker, so this changes no result.
+        "persistent_workers": workers > 0,
+        # Page-locked batches copy to the GPU faster and asynchronously.
+        "pin_memory": bool(getattr(args, "dataloader_pin_memory", True))
+        and torch.device(device).type == "cuda",
+    }
+    prefetch = getattr(args, "dataloader_prefetch_factor", None)
+    if workers > 0 and prefetch is not None:
+        options["prefetch_factor"] = prefetch
+    return options
+
+
 def seeded_loader(
     dataset: Dataset,
     sampler: Sampler | None,
     batch_size: int,
     collate: Collate,
-    args: Any,
+    seed: int,
+    options: dict[str, Any],
     drop_last: bool = False,
 ) -> DataLoader:
+    """A loader in the sampler's order, with ``options`` from :func:`loader_options`."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -39,13 +107,9 @@ def seeded_loader(
         shuffle=False,
         drop_last=drop_last,
         collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        # Workers live for the whole run (the unlabeled pool is cycled many times); items are
-        # seeded by (epoch, index), not by worker, so this changes no result.
-        persistent_workers=args.dataloader_num_workers > 0,
-        pin_memory=torch.cuda.is_available(),  # faster, asynchronous copies to the GPU
         # Own generator: creating an iterator must not draw from the global RNG.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
+        **options,
     )
 
 
@@ -55,13 +119,33 @@ def steps_per_epoch(train_size: int, args: Any, num_processes: int) -> int:
     return math.ceil(batches / args.gradient_accumulation_steps)
 
 
-def train_loader(dataset: Dataset, collate: Collate, args: Any) -> tuple[DataLoader, EpochSampler]:
-    """The labeled loader (not yet prepared) and its epoch sampler."""
+def train_loader(
+    dataset: Dataset, collate: Collate, args: Any, options: dict[str, Any] | None = None
+) -> tuple[DataLoader, EpochSampler]:
+    """The labeled loader (not yet prepared) and its epoch sampler.
+
+    ``options`` are :func:`loader_options`' (default: for a model on the CPU).
+    """
     sampler = EpochSampler(len(dataset), args.seed)
     loader = seeded_loader(
-        SeededItems(dataset, args.seed, 0), sampler, args.per_device_train_batch_size, collate, args
+        SeededItems(dataset, args.seed, 0),
+        sampler,
+        args.per_device_train_batch_size,
+        collate,
+        args.seed,
+        loader_options(args) if options is None else options,
     )
     return loader, sampler
+
+
+def eval_loader(
+    dataset: Dataset, collate: Collate, args: Any, options: dict[str, Any] | None = None
+) -> DataLoader:
+    """The evaluation loader (not yet prepared): the dataset in order, whole batches last short."""
+    options = loader_options(args) if options is None else options
+    return seeded_loader(
+        dataset, None, args.per_device_eval_batch_size, collate, args.seed, options
+    )
 
 
 class UnlabeledStream:
@@ -73,10 +157,17 @@ class UnlabeledStream:
         args: the run's training arguments (seed, ``unlabeled_batch_size``, workers).
         num_processes: processes the pool is sharded over.
         rank: this process.
+        options: :func:`loader_options`' (default: for a model on the CPU).
     """
 
     def __init__(
-        self, dataset: Dataset, collate: Collate, args: Any, num_processes: int, rank: int
+        self,
+        dataset: Dataset,
+        collate: Collate,
+        args: Any,
+        num_processes: int,
+        rank: int,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.batch_size = args.unlabeled_batch_size
         self.sampler = EpochSampler(
@@ -87,7 +178,8 @@ class UnlabeledStream:
             self.sampler,
             self.batch_size,
             collate,
-            args,
+            args.seed,
+            loader_options(args) if options is None else options,
             drop_last=True,
         )
         if len(self.loader) == 0:

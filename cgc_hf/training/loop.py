@@ -29,6 +29,7 @@ from ..distributed import all_gather_rows
 from ..errors import CGCValueError, CheckpointError
 from ..evaluation import evaluate
 from ..modeling import CGCModel
+from . import loaders
 from .accelerator import make_accelerator
 from .best import BestModel
 from .checkpoints import CheckpointManager, TrainerState
@@ -44,7 +45,6 @@ from .guards import (
     weights_finite,
     write_failure,
 )
-from .loaders import UnlabeledStream, merge, seeded_loader, steps_per_epoch, train_loader
 from .optim import build_optimizer, build_scheduler, cgc_ramp
 from .progress import RunningLoss, format_metrics
 from .resume import check_resume
@@ -112,20 +112,20 @@ class CGCTrainer:
             "unlabeled": len(unlabeled_dataset) if unlabeled_dataset is not None else 0,
             "eval": len(eval_dataset) if eval_dataset is not None else 0,
         }
-        train, self.train_sampler = train_loader(train_dataset, self.collate, args)
+        options = loaders.loader_options(args, acc.device)
+        logger.info("data loaders: %s", options)
+        train, self.train_sampler = loaders.train_loader(train_dataset, self.collate, args, options)
         self.unlabeled = None
         if unlabeled_dataset is not None:
-            self.unlabeled = UnlabeledStream(
-                unlabeled_dataset, self.collate, args, acc.num_processes, acc.process_index
+            self.unlabeled = loaders.UnlabeledStream(
+                unlabeled_dataset, self.collate, args, acc.num_processes, acc.process_index, options
             )
         eval_loader = None
         if eval_dataset is not None and len(eval_dataset) > 0:
-            eval_loader = seeded_loader(
-                eval_dataset, None, args.per_device_eval_batch_size, self.collate, args
-            )
+            eval_loader = loaders.eval_loader(eval_dataset, self.collate, args, options)
 
         optimizer = build_optimizer(model, args)
-        self.steps_per_epoch = steps_per_epoch(len(train_dataset), args, acc.num_processes)
+        self.steps_per_epoch = loaders.steps_per_epoch(len(train_dataset), args, acc.num_processes)
         self.max_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.max_steps / self.steps_per_epoch)
         scheduler = build_scheduler(optimizer, args, self.max_steps, acc.num_processes)
@@ -200,7 +200,7 @@ class CGCTrainer:
                 loader.set_epoch(state.epoch)
             for batch in loader:
                 state.batch_in_epoch += 1
-                pixel_values, labels = merge(batch, unlabeled)  # (B', 3, H, W), (B',)
+                pixel_values, labels = loaders.merge(batch, unlabeled)  # (B', 3, H, W), (B',)
                 self._running.images += pixel_values.shape[0] * acc.num_processes
                 window = window or NonFiniteWindow(self.model)
                 model.cgc_weight = cgc_ramp(state.global_step, args.cgc_warmup_steps)

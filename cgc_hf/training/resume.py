@@ -28,6 +28,8 @@ HARMLESS = frozenset(
         "eval_insertion_steps",
         "per_device_eval_batch_size",
         "dataloader_num_workers",
+        "dataloader_pin_memory",
+        "dataloader_prefetch_factor",
         "figure_images",
         "checkpointing_steps",
         "checkpoints_total_limit",
