@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .coerce import coerce_fields
-from .config import CGCTrainingArguments
+from .config import CGCTrainingArguments, option
 from .errors import CGCValueError
 from .evaluation import METRICS, Evaluation, Metric, paired_difference
 
@@ -27,58 +27,44 @@ class EvaluationArguments:
     run's ``metrics.json``.
     """
 
-    model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Model to evaluate: a cgc_hf folder (<finetune output_dir>/model) or Hub "
-            "id, a timm name, a transformers Hub id or folder (required).",
-            "aliases": ("--model_name_or_path",),
-        },
+    model: str | None = option(
+        None,
+        "Model to evaluate: a cgc_hf folder (<finetune output_dir>/model) or Hub "
+        "id, a timm name, a transformers Hub id or folder (required).",
+        aliases=("--model_name_or_path",),
     )
-    compare: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "More models, side by side with --model (e.g. the --no_cgc baseline)."},
+    compare: tuple[str, ...] = option(
+        (), "More models, side by side with --model (e.g. the --no_cgc baseline)."
     )
-    names: tuple[str, ...] | None = field(
-        default=None,
-        metadata={"help": "Column names, one per model (the folder names, made unique)."},
+    names: tuple[str, ...] | None = option(
+        None, "Column names, one per model (the folder names, made unique)."
     )
-    ignore_labels: bool = field(
-        default=False,
-        metadata={
-            "help": "The models' classes are not the dataset's (e.g. an ImageNet classifier): "
-            "skip accuracy and explain the predicted class everywhere."
-        },
+    ignore_labels: bool = option(
+        False,
+        "The models' classes are not the dataset's (e.g. an ImageNet classifier): "
+        "skip accuracy and explain the predicted class everywhere.",
     )
-    output_dir: str = field(default="cgc-eval", metadata={"help": "Where JSON and PNG files go."})
-    per_device_eval_batch_size: int = field(
-        default=CGCTrainingArguments.per_device_eval_batch_size,
-        metadata={"help": "Images per device and batch (the numbers do not depend on it)."},
+    output_dir: str = option("cgc-eval", "Where JSON and PNG files go.")
+    per_device_eval_batch_size: int = option(
+        CGCTrainingArguments.per_device_eval_batch_size,
+        "Images per device and batch (the numbers do not depend on it).",
     )
-    dataloader_num_workers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Worker processes loading the images (default: as in training, "
-            "min(8, CPU cores - 1) on an accelerator, 0 on the CPU)."
-        },
+    dataloader_num_workers: int | None = option(
+        None,
+        "Worker processes loading the images (default: as in training, "
+        "min(8, CPU cores - 1) on an accelerator, 0 on the CPU).",
     )
-    insertion_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Steps of the insertion / deletion curves, e.g. 16 (0 skips them: they cost "
-            "2 * (steps + 1) forward passes per image)."
-        },
+    insertion_steps: int = option(
+        0,
+        "Steps of the insertion / deletion curves, e.g. 16 (0 skips them: they cost "
+        "2 * (steps + 1) forward passes per image).",
     )
-    seed: int = field(
-        default=CGCTrainingArguments.seed,
-        metadata={
-            "help": "Seed of the consistency crops and of the data (generated images, a "
-            "held-out slice): the training seed reproduces the run's metrics."
-        },
+    seed: int = option(
+        CGCTrainingArguments.seed,
+        "Seed of the consistency crops and of the data (generated images, a "
+        "held-out slice): the training seed reproduces the run's metrics.",
     )
-    figure_images: int = field(
-        default=8, metadata={"help": "Images in comparison.png (0: no figure)."}
-    )
+    figure_images: int = option(8, "Images in comparison.png (0: no figure).")
 
     def __post_init__(self) -> None:
         coerce_fields(self)

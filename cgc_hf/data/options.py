@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..coerce import coerce_fields
-from ..config import DEFAULT_CROP_SCALE
+from ..config import DEFAULT_CROP_SCALE, option
 from ..errors import DataError
 from .annotations import BOX_FORMATS
 from .build import REST, TrainingData, build_datasets
@@ -33,143 +33,106 @@ class DataArguments:
     Field metadata: ``help`` (the flag's help), ``aliases`` (more flag names), ``choices``.
     """
 
-    dataset_name: str = field(
-        default=DEFAULT_DATASET,
-        metadata={
-            "help": "A named dataset (synthetic, cub, cub_masks, cars, aircraft, flowers102, "
-            "dogs, pets), a Hub dataset id, an image folder or a save_to_disk directory.",
-            "aliases": ("--dataset",),
-        },
+    dataset_name: str = option(
+        DEFAULT_DATASET,
+        "A named dataset (synthetic, cub, cub_masks, cars, aircraft, flowers102, "
+        "dogs, pets), a Hub dataset id, an image folder or a save_to_disk directory.",
+        aliases=("--dataset",),
     )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration name of a Hub dataset."}
+    dataset_config_name: str | None = option(None, "Configuration name of a Hub dataset.")
+    train_dir: str | None = option(
+        None,
+        "A folder of training images (class_name/image.jpg), instead of "
+        "--dataset_name, as in transformers' image-classification example.",
     )
-    train_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "A folder of training images (class_name/image.jpg), instead of "
-            "--dataset_name, as in transformers' image-classification example."
-        },
+    validation_dir: str | None = option(
+        None, "With --train_dir: a folder of evaluation images, same layout."
     )
-    validation_dir: str | None = field(
-        default=None,
-        metadata={"help": "With --train_dir: a folder of evaluation images, same layout."},
+    train_val_split: float | None = option(
+        None,
+        "Share of each class held out for evaluation when the data has no eval split; unset: 0.1.",
     )
-    train_val_split: float | None = field(
-        default=None,
-        metadata={
-            "help": "Share of each class held out for evaluation when the data has no eval "
-            "split; unset: 0.1."
-        },
+    max_train_samples: int | None = option(
+        None, "Train on a seeded random subset of this many rows (quick runs)."
     )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={"help": "Train on a seeded random subset of this many rows (quick runs)."},
+    max_eval_samples: int | None = option(
+        None, "Evaluate on a seeded random subset of this many rows."
     )
-    max_eval_samples: int | None = field(
-        default=None,
-        metadata={"help": "Evaluate on a seeded random subset of this many rows."},
+    dataset_source: str | None = option(
+        None, "For a named dataset: a local save_to_disk copy to read instead."
     )
-    dataset_source: str | None = field(
-        default=None,
-        metadata={"help": "For a named dataset: a local save_to_disk copy to read instead."},
+    image_column_name: str | None = option(
+        None, "Image column; unset: the dataset's, or the one found."
     )
-    image_column_name: str | None = field(
-        default=None, metadata={"help": "Image column; unset: the dataset's, or the one found."}
+    label_column_name: str | None = option(
+        None, "Label column; unset: the dataset's, or the one found."
     )
-    label_column_name: str | None = field(
-        default=None, metadata={"help": "Label column; unset: the dataset's, or the one found."}
+    mask_column_name: str | None = option(
+        None,
+        "Column of object masks, for Content Heatmap and the pointing game; unset: "
+        "the dataset's, or an image column named like a mask.",
     )
-    mask_column_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column of object masks, for Content Heatmap and the pointing game; unset: "
-            "the dataset's, or an image column named like a mask."
-        },
+    box_column_name: str | None = option(
+        None,
+        "Column of object boxes; unset: the dataset's, or a column of 4 numbers or "
+        "named fields named like a box.",
     )
-    box_column_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Column of object boxes; unset: the dataset's, or a column of 4 numbers or "
-            "named fields named like a box."
-        },
+    box_format: str | None = option(
+        None,
+        "Box numbers: xyxy or xywh in pixels, xyxy_norm or xywh_norm as fractions "
+        "of the image size, yxyx_norm (TFDS); structs of named fields are read by name; "
+        "unset: the dataset's, else xyxy.",
+        choices=BOX_FORMATS,
     )
-    box_format: str | None = field(
-        default=None,
-        metadata={
-            "help": "Box numbers: xyxy or xywh in pixels, xyxy_norm or xywh_norm as fractions "
-            "of the image size, yxyx_norm (TFDS); structs of named fields are read by name; "
-            "unset: the dataset's, else xyxy.",
-            "choices": BOX_FORMATS,
-        },
+    mask_foreground_values: tuple[int, ...] | None = option(
+        None,
+        "Mask values that are the object, e.g. 1 3 for a trimap; unset: binary and "
+        "label-index masks where nonzero, soft 0-255 masks above 127 (logged).",
     )
-    mask_foreground_values: tuple[int, ...] | None = field(
-        default=None,
-        metadata={
-            "help": "Mask values that are the object, e.g. 1 3 for a trimap; unset: binary and "
-            "label-index masks where nonzero, soft 0-255 masks above 127 (logged)."
-        },
+    mask_threshold: float | None = option(
+        None,
+        "Object where the mask is above this share of its full scale, e.g. 0.5 "
+        "(> 127 of 255); 0 means nonzero.",
     )
-    mask_threshold: float | None = field(
-        default=None,
-        metadata={
-            "help": "Object where the mask is above this share of its full scale, e.g. 0.5 "
-            "(> 127 of 255); 0 means nonzero."
-        },
+    mask_dir: str | None = option(
+        None,
+        "Folder of masks named like the images (cat_1.jpg -> cat_1.png), flat or "
+        "with the image folder's subfolders.",
     )
-    mask_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder of masks named like the images (cat_1.jpg -> cat_1.png), flat or "
-            "with the image folder's subfolders."
-        },
+    eval_split: str | None = option(
+        None,
+        "Split to evaluate on; unset: the dataset's, or a held-out slice.",
+        aliases=("--split",),
     )
-    eval_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on; unset: the dataset's, or a held-out slice.",
-            "aliases": ("--split",),
-        },
+    synthetic_kwargs: dict[str, Any] | None = option(
+        None, "JSON options of the generated dataset, e.g. '{\"train_size\": 400}'."
     )
-    synthetic_kwargs: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "JSON options of the generated dataset, e.g. '{\"train_size\": 400}'."},
+    remap_labels: bool = option(
+        False,
+        "Number sparse integer labels 0..K-1 (e.g. 0, 5, 99 -> 0, 1, 2); the class "
+        "names keep the values.",
     )
-    remap_labels: bool = field(
-        default=False,
-        metadata={
-            "help": "Number sparse integer labels 0..K-1 (e.g. 0, 5, 99 -> 0, 1, 2); the class "
-            "names keep the values."
-        },
+    on_bad_image: str = option(
+        "raise",
+        "Unreadable image: stop with an error, or skip it and count it.",
+        choices=BAD_IMAGE_POLICIES,
     )
-    on_bad_image: str = field(
-        default="raise",
-        metadata={
-            "help": "Unreadable image: stop with an error, or skip it and count it.",
-            "choices": BAD_IMAGE_POLICIES,
-        },
+    labels_per_class: int | None = option(
+        None, "Keep exactly K labels per class; the rest become unlabeled."
     )
-    labels_per_class: int | None = field(
-        default=None,
-        metadata={"help": "Keep exactly K labels per class; the rest become unlabeled."},
+    label_fraction: float | None = option(
+        None, "Keep this share of each class's labels; the rest become unlabeled."
     )
-    label_fraction: float | None = field(
-        default=None,
-        metadata={"help": "Keep this share of each class's labels; the rest become unlabeled."},
+    unlabeled_dataset: str = option(
+        REST,
+        "Unlabeled images (CGC only): 'rest', the training rows that "
+        "--labels_per_class / --label_fraction leave without a label; 'none', no unlabeled "
+        "images (fully supervised); or a dataset to take them from (a flat image folder "
+        "works).",
+        aliases=("--unlabeled",),
     )
-    unlabeled_dataset: str = field(
-        default=REST,
-        metadata={
-            "help": "Unlabeled images (CGC only): 'rest', the training rows that "
-            "--labels_per_class / --label_fraction leave without a label; 'none', no unlabeled "
-            "images (fully supervised); or a dataset to take them from (a flat image folder "
-            "works).",
-            "aliases": ("--unlabeled",),
-        },
-    )
-    train_crop_scale: tuple[float, float] = field(
-        default=DEFAULT_CROP_SCALE,
-        metadata={"help": "Area range of the training random resized crop."},
+    train_crop_scale: tuple[float, float] = option(
+        DEFAULT_CROP_SCALE, "Area range of the training random resized crop."
     )
 
     def __post_init__(self) -> None:
