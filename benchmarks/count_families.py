@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import multiprocessing
-import os
 import resource
 import signal
 import time
@@ -51,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from cgc_hf import CGCModel
+from cgc_hf._io import read_json, write_json
 from cgc_hf.targets import capture, to_nchw
 from cgc_hf.testing import HF_ENCODER, HF_STAGES, HF_SWIN, HF_VIT, first_weight_layer
 
@@ -469,10 +468,7 @@ def count_params(name: str) -> int | None:
 
 def load_or_pick(families: list[str], path: str | None) -> list[tuple[str, str]]:
     """``(family, model)``: the smallest buildable model per family, cached in ``path``."""
-    cached: dict[str, list] = {}
-    if path and os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
+    cached: dict[str, list] = (read_json(path) or {}) if path else {}
     missing = [fam for fam in families if fam not in cached]
     if missing:
         print(f"choosing the smallest model of {len(missing)} timm families...", flush=True)
@@ -481,8 +477,7 @@ def load_or_pick(families: list[str], path: str | None) -> list[tuple[str, str]]
             sizes = [(p, n) for p, n in sizes if p is not None]
             cached[family] = list(min(sizes)[::-1]) if sizes else ["", 0]
         if path:
-            with open(path, "w") as f:
-                json.dump(cached, f, indent=2)
+            write_json(path, cached)
     return [(fam, cached[fam][0]) for fam in families]
 
 
@@ -557,11 +552,9 @@ def main() -> None:
                 f"{r.target:<32} {r.layout:<7} {r.grid:<6} {r.status} ({r.seconds:.1f}s)",
                 flush=True,
             )
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(
-                    {g: [asdict(r) for r in rs] for g, rs in all_results.items()}, f, indent=2
-                )
+        if args.json:  # after every group, so an interrupted count keeps what it found
+            done = {g: [asdict(r) for r in rs] for g, rs in all_results.items()}
+            write_json(args.json, done, sort_keys=False)
 
     print()
     for group, results in all_results.items():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CGCMemoryError, CGCTypeError, CGCValueError
-from .base import DEFAULT_HUB, BackboneAdapter, HubOptions
+from .base import DEFAULT_HUB, BackboneAdapter, BuildRequest, HubOptions
 from .timm import TimmAdapter, is_timm_name
 from .transformers import TransformersAdapter
 
@@ -143,7 +143,8 @@ def _create(
         # "timm/<repo>" Hub ids load through transformers' timm_wrapper
         timm_name = is_timm_name(name_or_model) and not name_or_model.startswith("timm/")
         adapter = ADAPTERS["timm"] if timm_name else ADAPTERS["transformers"]
-        model = adapter.create(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
+        request = BuildRequest(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
+        model = adapter.create(request)
         if pretrained:
             base_model = adapter.base_model(model, name_or_model)
     else:
@@ -161,6 +162,7 @@ __all__ = [
     "ADAPTERS",
     "Backbone",
     "BackboneAdapter",
+    "BuildRequest",
     "HubOptions",
     "TimmAdapter",
     "TransformersAdapter",

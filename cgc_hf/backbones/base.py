@@ -46,6 +46,27 @@ DEFAULT_HUB = HubOptions()
 """No Hub option set: each library's defaults (default branch, its cache, the saved login)."""
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """A classifier to build by name, as :meth:`BackboneAdapter.create` receives it.
+
+    Attributes:
+        name: timm model name, or transformers Hub id or local folder.
+        num_labels: number of classes (``None``: the checkpoint's).
+        id2label: class names, ``{index: name}``.
+        pretrained: load pretrained weights.
+        model_kwargs: extra arguments of ``timm.create_model`` or of the transformers config.
+        hub: revision, cache folder and token of the downloads.
+    """
+
+    name: str
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None
+    pretrained: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    hub: HubOptions = DEFAULT_HUB
+
+
 class BackboneAdapter(ABC):
     """What cgc_hf needs from a classifier library, in one place per library.
 
@@ -67,16 +88,9 @@ class BackboneAdapter(ABC):
         """Whether ``model`` is a classifier of this library."""
 
     @abstractmethod
-    def create(
-        self,
-        name: str,
-        num_labels: int | None,
-        id2label: dict[int, str] | None,
-        pretrained: bool,
-        model_kwargs: dict[str, Any],
-        hub: HubOptions = DEFAULT_HUB,
-    ) -> nn.Module:
-        """Build the classifier ``name`` with ``num_labels`` outputs; downloads follow ``hub``."""
+    def create(self, request: BuildRequest) -> nn.Module:
+        """Build the classifier ``request.name`` with ``request.num_labels`` outputs; downloads
+        follow ``request.hub``."""
 
     @abstractmethod
     def describe(

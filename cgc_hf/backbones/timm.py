@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from ..errors import CGCValueError
-from .base import DEFAULT_HUB, BackboneAdapter, HubOptions, jsonable, pair
+from .base import DEFAULT_HUB, BackboneAdapter, BuildRequest, HubOptions, jsonable, pair
 
 if TYPE_CHECKING:
     from ..config import CGCConfig
@@ -46,17 +46,11 @@ backbone = timm.create_model("local-dir:exported", pretrained=True)  # no cgc_hf
     def owns(self, model: nn.Module) -> bool:
         return hasattr(model, "forward_features") and hasattr(model, "get_classifier")
 
-    def create(
-        self,
-        name: str,
-        num_labels: int | None,
-        id2label: dict[int, str] | None,
-        pretrained: bool,
-        model_kwargs: dict[str, Any],
-        hub: HubOptions = DEFAULT_HUB,
-    ) -> nn.Module:
+    def create(self, request: BuildRequest) -> nn.Module:
         import timm
 
+        name, num_labels, pretrained = request.name, request.num_labels, request.pretrained
+        model_kwargs, hub = request.model_kwargs, request.hub
         kwargs = dict(model_kwargs)
         if num_labels is not None:
             kwargs["num_classes"] = num_labels

@@ -19,6 +19,7 @@ from .base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BackboneAdapter,
+    BuildRequest,
     HubOptions,
     jsonable,
     pair,
@@ -55,18 +56,12 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
 
         return isinstance(model, PreTrainedModel)
 
-    def create(
-        self,
-        name: str,
-        num_labels: int | None,
-        id2label: dict[int, str] | None,
-        pretrained: bool,
-        model_kwargs: dict[str, Any],
-        hub: HubOptions = DEFAULT_HUB,
-    ) -> nn.Module:
+    def create(self, request: BuildRequest) -> nn.Module:
         import transformers
         from transformers import AutoConfig, AutoModelForImageClassification
 
+        name, num_labels, id2label = request.name, request.num_labels, request.id2label
+        model_kwargs, hub = request.model_kwargs, request.hub
         refuse_remote_code(name, model_kwargs)
         kwargs: dict[str, Any] = dict(model_kwargs)
         for key, value in hub.kwargs().items():
@@ -82,7 +77,7 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
             kwargs["id2label"] = dict(id2label)
             kwargs["label2id"] = {v: k for k, v in id2label.items()}
         try:
-            if not pretrained:
+            if not request.pretrained:
                 config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
                 return AutoModelForImageClassification.from_config(
                     config, attn_implementation="eager", trust_remote_code=False
