@@ -156,6 +156,39 @@ def check_negatives(model: Any, args: Any, has_unlabeled: bool, num_processes: i
         )
 
 
+def check_compile(model: nn.Module, accelerator: Any) -> None:
+    """Refuse ``torch.compile`` for a CGC run whose heatmaps need a second-order gradient.
+
+    Without a global-average-pool + linear head (ViT, Swin, ConvNeXt, ...) the heatmap is an
+    autograd gradient that the CGC loss differentiates again. torch.compile's aot_autograd,
+    behind inductor and the other compiling backends, has no double backward: the first step
+    fails after the whole compile ("torch.compile with aot_autograd does not currently support
+    double backward"). Closed-form heatmaps (ResNet, EfficientNet, ...) compile and train, and
+    dynamo's ``eager`` backend, which only traces, works for every model.
+    """
+    from accelerate.utils import DynamoBackend
+
+    inner = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the CGCModel
+    if inner.config.cgc_lambda == 0 or inner.target.linear_head is not None:
+        return
+    backend = DynamoBackend(accelerator.state.dynamo_plugin.backend)
+    if inner is model and backend in (DynamoBackend.NO, DynamoBackend.EAGER):
+        return
+    what = (
+        "a torch.compile'd model"
+        if inner is not model
+        else f"dynamo_backend={backend.value.lower()!r} (accelerate launch --dynamo_backend, "
+        "accelerate config or ACCELERATE_DYNAMO_BACKEND)"
+    )
+    raise CGCValueError(
+        f"{what} cannot train CGC on {inner.config.architecture}: its heatmaps are autograd "
+        "gradients that the CGC loss differentiates again, and torch.compile's aot_autograd "
+        "has no double backward. Train it uncompiled (--dynamo_backend no, or the model before "
+        "torch.compile), or use a model with a global-average-pool + linear head (ResNet, "
+        "EfficientNet, RegNet...), whose closed-form heatmaps compile."
+    )
+
+
 def count_nonfinite(state: Any, args: Any, accelerator: Any) -> None:
     """Count a skipped (non-finite) optimizer step in ``state``, and say so."""
     state.nonfinite_in_row += 1

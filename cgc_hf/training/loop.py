@@ -37,6 +37,7 @@ from .figures import write_figure
 from .guards import (
     NonFiniteWindow,
     all_finite,
+    check_compile,
     check_negatives,
     count_nonfinite,
     is_write_error,
@@ -102,6 +103,7 @@ class CGCTrainer:
         if unlabeled_dataset is not None and len(unlabeled_dataset) == 0:
             unlabeled_dataset = None
         self.accelerator = acc = make_accelerator(args, self.output_dir)
+        check_compile(model, acc)  # before the first step, not after a minute of compiling
         check_negatives(model, args, unlabeled_dataset is not None, acc.num_processes)
         if acc.num_processes > 1:
             # Negatives from every process: the loss then matches one process on the full batch.
