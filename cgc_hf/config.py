@@ -302,6 +302,15 @@ class CGCTrainingArguments:
     eval_insertion_steps: int = option(
         0, "Steps of the insertion / deletion AUC metric (0 skips it: slow)."
     )
+    eval_explanation_images: int | None = option(
+        None,
+        "Measure the explanation metrics (consistency, Content Heatmap, pointing game, "
+        "insertion / deletion) of each evaluation on the first N evaluation images only, the "
+        "same images every time; accuracy still uses every image. They cost about three "
+        "heatmap passes per image, as much as a training step's image at 224 px (README: "
+        "Benchmarks > Evaluation cost). Default: every image. recipes/evaluate.py measures "
+        "the whole split.",
+    )
     cgc_warmup_steps: int = option(
         0,
         "Optimizer steps over which the CGC weight grows linearly from 0 to "
@@ -355,6 +364,7 @@ class CGCTrainingArguments:
             "eval_steps",
             "checkpoints_total_limit",
             "dataloader_prefetch_factor",
+            "eval_explanation_images",
         ):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "a positive integer, or None")

@@ -181,6 +181,7 @@ def evaluate_batch(
     insertion_steps: int = 0,
     consistency_size: int = 56,
     use_labels: bool = True,
+    explain: Tensor | None = None,
     **insertion_kwargs: Any,
 ) -> dict[str, Tensor]:
     """Every per-image metric of one batch, keyed as in :data:`METRICS`.
@@ -190,13 +191,16 @@ def evaluate_batch(
             except inside :func:`~cgc_hf.insertion_deletion`).
         batch: ``pixel_values`` ``(B, 3, H, W)``; optional ``labels`` ``(B,)`` (-100 =
             unlabeled) and ``mask`` ``(B, H, W)``.
-        transforms: the consistency crop/flip of each row; drawn from ``generator`` otherwise.
+        transforms: the consistency crop/flip of each explained row; drawn from ``generator``
+            otherwise.
         generator: random generator for the consistency transforms when ``transforms`` is None.
         insertion_steps: chunks of the insertion / deletion curves; 0 skips them (they cost
             ``2 * (steps + 1)`` forward passes per image).
         consistency_size: side of the grid on which consistency compares heatmaps.
         use_labels: False ignores ``labels`` (a model whose classes are not the dataset's): no
             accuracy, and the mask metrics explain the predicted class.
+        explain: rows whose explanations are measured, ``(B,)`` bool; the explanation metrics
+            (all but ``accuracy``) of the other rows are NaN. None: every row.
         **insertion_kwargs: passed to :func:`~cgc_hf.insertion_deletion` (``blur_sigma``...).
 
     Returns:
@@ -224,20 +228,44 @@ def evaluate_batch(
         labeled = labels != IGNORE_INDEX  # (B,)
         out["accuracy"] = torch.where(labeled, (pred == labels).float(), float("nan"))
         target = torch.where(labeled, labels, pred)  # (B,) the true class where known
-    out["consistency"] = consistency(
-        model, x, generator=generator, transforms=transforms, size=consistency_size, classes=pred
-    )
-    if batch.get("mask") is not None:
-        masks = batch["mask"].to(x.device)  # (B, H, W)
-        heatmaps = model.explain(x, target)  # (B, h, w)
-        out["content_heatmap"] = content_heatmap(heatmaps, masks)
-        out["pointing_game"] = pointing_game(heatmaps, masks)
-        out["zero_heatmaps"] = zero_heatmaps(heatmaps).float()
-    if insertion_steps > 0:
-        heatmaps = model.explain(x, pred)  # (B, h, w)
-        out["insertion"], out["deletion"] = insertion_deletion(
-            model, x, heatmaps, pred, steps=insertion_steps, **insertion_kwargs
+    masks = batch.get("mask")
+    keys = ["consistency"]
+    keys += ["content_heatmap", "pointing_game", "zero_heatmaps"] if masks is not None else []
+    keys += ["insertion", "deletion"] if insertion_steps > 0 else []
+    rows = None if explain is None else explain.to(x.device).nonzero().squeeze(1)  # (E,)
+    if rows is not None and rows.numel() == x.shape[0]:
+        rows = None
+    if rows is not None:  # only these rows are explained; the others keep NaN
+        x, pred, target = x[rows], pred[rows], target[rows]
+        masks = masks[rows.to(masks.device)] if masks is not None else None
+    explained: dict[str, Tensor] = {}
+    if x.shape[0] > 0:
+        explained["consistency"] = consistency(
+            model,
+            x,
+            generator=generator,
+            transforms=transforms,
+            size=consistency_size,
+            classes=pred,
         )
+        if masks is not None:
+            masks = masks.to(x.device)  # (E, H, W)
+            heatmaps = model.explain(x, target)  # (E, h, w)
+            explained["content_heatmap"] = content_heatmap(heatmaps, masks)
+            explained["pointing_game"] = pointing_game(heatmaps, masks)
+            explained["zero_heatmaps"] = zero_heatmaps(heatmaps).float()
+        if insertion_steps > 0:
+            heatmaps = model.explain(x, pred)  # (E, h, w)
+            explained["insertion"], explained["deletion"] = insertion_deletion(
+                model, x, heatmaps, pred, steps=insertion_steps, **insertion_kwargs
+            )
+    for key in keys:
+        if rows is None:
+            out[key] = explained[key]
+        else:  # every batch has every key, so that batches and processes gather alike
+            out[key] = torch.full((len(explain),), math.nan, device=rows.device)
+            if key in explained:
+                out[key][rows] = explained[key].float()
     return {k: v.float() for k, v in out.items()}
 
 
@@ -294,6 +322,7 @@ def evaluate(
     insertion_steps: int = 0,
     consistency_size: int = 56,
     use_labels: bool = True,
+    explain_images: int | None = None,
     **insertion_kwargs: Any,
 ) -> Evaluation:
     """Evaluate ``model`` on every image of ``loader``, over all processes.
@@ -314,6 +343,9 @@ def evaluate(
         insertion_steps: chunks of the insertion / deletion curves; 0 skips them.
         consistency_size: side of the grid on which consistency compares heatmaps.
         use_labels: False ignores the labels (see :func:`evaluate_batch`).
+        explain_images: measure the explanation metrics (all but accuracy) on the first N
+            images of the set only, the same images at every evaluation (NaN for the others);
+            None: on every image. Accuracy is always measured on every image.
         **insertion_kwargs: passed to :func:`~cgc_hf.insertion_deletion`.
 
     Returns:
@@ -330,9 +362,15 @@ def evaluate(
                 batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             x = batch["pixel_values"]  # (B, 3, H, W)
             start, seen = _positions(accelerator, x.shape[0], seen)
-            transforms = consistency_transforms(
-                seed, range(start, start + x.shape[0]), aspect=x.shape[-1] / x.shape[-2]
-            )
+            positions = range(start, start + x.shape[0])
+            explain = None
+            if explain_images is not None:
+                explain = torch.tensor([p < explain_images for p in positions])  # (B,)
+                positions = [p for p in positions if p < explain_images]
+            transforms = None
+            if len(positions) > 0:
+                aspect = x.shape[-1] / x.shape[-2]
+                transforms = consistency_transforms(seed, positions, aspect=aspect)
             autocast = (
                 accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
             )
@@ -344,6 +382,7 @@ def evaluate(
                     insertion_steps=insertion_steps,
                     consistency_size=consistency_size,
                     use_labels=use_labels,
+                    explain=explain,
                     **insertion_kwargs,
                 )  # each (B,)
             if accelerator is not None:

@@ -182,6 +182,27 @@ def test_evaluate_matches_single_image_loop_at_any_batch_size(tiny_model):
             assert got == pytest.approx(values, abs=1e-5, nan_ok=True), (key, batch_size)
 
 
+def test_explanation_metrics_on_the_first_images_only(tiny_model):
+    items = _items()
+    ref = _reference(tiny_model, items, seed=11)
+    for batch_size in (1, 3, 7):  # the subset straddles a batch, or is one
+        result = evaluate(tiny_model, _loader(items, batch_size), seed=11, explain_images=4)
+        got = result.per_image
+        assert got["accuracy"].tolist() == pytest.approx(ref["accuracy"], nan_ok=True)
+        for key in ("consistency", "content_heatmap"):
+            assert got[key][:4].tolist() == pytest.approx(ref[key][:4], abs=1e-5), key
+            assert torch.isnan(got[key][4:]).all(), (key, batch_size)
+        for key in ("pointing_game", "zero_heatmaps"):
+            assert torch.isnan(got[key][4:]).all() and not torch.isnan(got[key][:4]).any()
+        summary = result.summary()
+        assert summary["consistency"]["n"] == 4 and summary["accuracy"]["n"] == 6
+        assert summary["zero_heatmaps"]["n"] == 4
+    everything = evaluate(tiny_model, _loader(items, 3), seed=11, explain_images=7).per_image
+    default = evaluate(tiny_model, _loader(items, 3), seed=11).per_image
+    for key, values in default.items():
+        assert torch.equal(everything[key].nan_to_num(-1), values.nan_to_num(-1)), key
+
+
 def test_evaluate_restores_each_module_mode(tiny_model):
     model = tiny_model
     model.train()

@@ -200,6 +200,25 @@ def test_evaluate_matches_a_plain_loop_and_restores_mode(tmp_path):
     assert {"eval_consistency", "eval_content_heatmap", "eval_pointing_game"} <= set(metrics)
 
 
+def test_explanation_metrics_on_a_fixed_subset_of_the_eval_split(tmp_path):
+    from cgc_hf import evaluate
+
+    model = tiny_model()
+    tiny = Tiny(10, seed=5, mask=True)
+    eval_ds = [tiny[i] for i in range(len(tiny))]  # drawn once: the same flips every read
+    args = args_for(tmp_path, eval_explanation_images=4)
+    trainer = CGCTrainer(model, args, Tiny(8), eval_ds)
+    metrics = trainer.evaluate()
+    loader = torch.utils.data.DataLoader(eval_ds, batch_size=3)
+    first = evaluate(model.eval(), loader, seed=args.seed, explain_images=4).scalars()
+    assert metrics == pytest.approx(first)
+    whole = evaluate(model, loader, seed=args.seed).scalars()
+    assert metrics["eval_accuracy"] == whole["eval_accuracy"] and metrics["eval_samples"] == 10
+    assert metrics["eval_consistency"] != pytest.approx(whole["eval_consistency"])
+    with pytest.raises(CGCValueError, match="eval_explanation_images must be a positive"):
+        args_for(tmp_path, eval_explanation_images=0)
+
+
 # ---------------------------------------------------------------------------------- non-finite
 def test_nonfinite_batch_is_skipped_and_counted(tmp_path):
     model = tiny_model()

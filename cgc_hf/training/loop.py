@@ -125,6 +125,9 @@ class CGCTrainer:
         eval_loader = None
         if eval_dataset is not None and len(eval_dataset) > 0:
             eval_loader = loaders.eval_loader(eval_dataset, self.collate, args, options)
+            if (args.eval_explanation_images or math.inf) < len(eval_dataset):
+                msg = "explanation metrics on the first %d of the %d evaluation images"
+                logger.info(msg, args.eval_explanation_images, len(eval_dataset))
 
         optimizer = build_optimizer(model, args)
         self.steps_per_epoch = loaders.steps_per_epoch(len(train_dataset), args, acc.num_processes)
@@ -293,14 +296,22 @@ class CGCTrainer:
         """``eval_<key>`` per metric of :data:`cgc_hf.evaluation.METRICS`, and ``eval_samples``.
 
         Runs :func:`cgc_hf.evaluation.evaluate` with the run's seed, so ``recipes/evaluate.py``
-        reports the same numbers for the saved model on the same data and seed.
+        reports the same numbers for the saved model on the same data and seed (on every image
+        with ``eval_explanation_images=None``; else on those first images).
         """
         if self.eval_loader is None:
             return {}
         acc = self.accelerator
         model = acc.unwrap_model(self.model)
         steps, images = self.args.eval_insertion_steps, self.args.figure_images
-        result = evaluate(model, self.eval_loader, acc, self.args.seed, insertion_steps=steps)
+        result = evaluate(
+            model,
+            self.eval_loader,
+            acc,
+            self.args.seed,
+            insertion_steps=steps,
+            explain_images=self.args.eval_explanation_images,
+        )
         if images and acc.is_main_process:
             data, step = self.eval_loader.dataset, self.state.global_step
             figure = write_figure(acc, model, data, self.collate, images, self.output_dir, step)
