@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -69,17 +70,28 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
-        s = _mix(self.seed, self.stream, epoch, index)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rng(self.seed, self.stream, epoch, index):
+            return self.dataset[index]
+
+
+@contextmanager
+def seeded_rng(*values: int) -> Iterator[None]:
+    """Run the block under the torch (CPU), Python and NumPy generators seeded from ``values``.
+
+    The caller's generator states are restored afterwards, so the block neither depends on nor
+    disturbs the random numbers drawn around it.
+    """
+    s = _mix(*values)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _mix(*values: int) -> int:

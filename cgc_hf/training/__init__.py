@@ -5,6 +5,7 @@
 - :mod:`.run_folder`: what a run folder holds and when it may be replaced;
 - :mod:`.optim`: parameter groups, optimizer and learning-rate schedule;
 - :mod:`.loaders`: seeded labeled / unlabeled / eval loaders;
+- :mod:`.stream`: a streamed unlabeled pool (``IterableDataset``) and what resume means for it;
 - :mod:`.guards`: non-finite steps and out-of-memory advice.
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from .._io import redact
 from ..config import CGCTrainingArguments
@@ -50,6 +50,7 @@ from .optim import build_optimizer, build_scheduler, cgc_ramp
 from .progress import RunningLoss, format_metrics
 from .resume import check_resume
 from .run_folder import RunFolder, resolved_config, save_final_model, tracker_config
+from .stream import StreamedUnlabeled, is_stream
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ class CGCTrainer:
         args: run options.
         train_dataset: labeled items ``{"pixel_values": (3, H, W), "labels": int}``.
         eval_dataset: items as above, optionally with ``"mask"`` ``(H, W)`` for Content Heatmap.
-        unlabeled_dataset: items with ``"pixel_values"``; their labels are ignored.
+        unlabeled_dataset: items with ``"pixel_values"``; their labels are ignored. May be a
+            stream (``datasets.IterableDataset`` or a torch ``IterableDataset``), read in this
+            process; resume then re-reads the examples used in the current pass
+            (:mod:`.stream`).
         data_collator: batches a list of items (default: stack every key).
         run_info: extra JSON facts saved in ``args.json`` (dataset, split), never secrets.
     """
@@ -89,7 +93,7 @@ class CGCTrainer:
         args: CGCTrainingArguments,
         train_dataset: Dataset,
         eval_dataset: Dataset | None = None,
-        unlabeled_dataset: Dataset | None = None,
+        unlabeled_dataset: Dataset | IterableDataset | None = None,
         *,
         data_collator: Callable[[list[Any]], dict[str, Tensor]] | None = None,
         run_info: dict[str, Any] | None = None,
@@ -100,7 +104,8 @@ class CGCTrainer:
         self.run_info = redact(run_info or {})
         if len(train_dataset) == 0:
             raise CGCValueError("train_dataset is empty; it needs at least one labeled image.")
-        if unlabeled_dataset is not None and len(unlabeled_dataset) == 0:
+        streamed = is_stream(unlabeled_dataset)
+        if unlabeled_dataset is not None and not streamed and len(unlabeled_dataset) == 0:
             unlabeled_dataset = None
         self.accelerator = acc = make_accelerator(args, self.output_dir)
         check_compile(model, acc)  # before the first step, not after a minute of compiling
@@ -111,7 +116,7 @@ class CGCTrainer:
 
         self.images = {
             "labeled": len(train_dataset),
-            "unlabeled": len(unlabeled_dataset) if unlabeled_dataset is not None else 0,
+            "unlabeled": None if streamed else len(unlabeled_dataset or []),  # streams: uncounted
             "eval": len(eval_dataset) if eval_dataset is not None else 0,
         }
         options = loaders.loader_options(args, acc.device)
@@ -119,8 +124,11 @@ class CGCTrainer:
         train, self.train_sampler = loaders.train_loader(train_dataset, self.collate, args, options)
         self.unlabeled = None
         if unlabeled_dataset is not None:
-            self.unlabeled = loaders.UnlabeledStream(
-                unlabeled_dataset, self.collate, args, acc.num_processes, acc.process_index, options
+            where = (self.collate, args, acc.num_processes, acc.process_index)
+            self.unlabeled = (
+                StreamedUnlabeled(unlabeled_dataset, *where)
+                if streamed
+                else loaders.UnlabeledStream(unlabeled_dataset, *where, options)
             )
         eval_loader = None
         if eval_dataset is not None and len(eval_dataset) > 0:
