@@ -353,12 +353,8 @@ class CGCTrainingArguments:
             ("logging_steps", "e.g. 10"),
             ("max_nonfinite_steps", "e.g. 5"),
         ):
-            _check(
-                getattr(self, name) >= 1,
-                name,
-                getattr(self, name),
-                f"a positive integer ({example})",
-            )
+            value = getattr(self, name)
+            _check(value >= 1, name, value, f"a positive integer ({example})")
         for name in (
             "max_train_steps",
             "eval_steps",
@@ -368,12 +364,7 @@ class CGCTrainingArguments:
         ):
             value = getattr(self, name)
             _check(value is None or value >= 1, name, value, "a positive integer, or None")
-        for name in (
-            "warmup_steps",
-            "cgc_warmup_steps",
-            "eval_insertion_steps",
-            "figure_images",
-        ):
+        for name in ("warmup_steps", "cgc_warmup_steps", "eval_insertion_steps", "figure_images"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         workers = self.dataloader_num_workers
         _check(
@@ -440,19 +431,14 @@ class CGCTrainingArguments:
             )
 
     def _check_best_model(self) -> None:
-        from .evaluation import METRICS, PREFIX
+        from .evaluation import METRICS, metric
 
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = "accuracy"
         name = self.metric_for_best_model
         if name is not None:
-            keys = [m.key for m in METRICS]
-            _check(
-                name.removeprefix(PREFIX) in keys,
-                "metric_for_best_model",
-                name,
-                tuple(keys),
-            )
+            keys = tuple(m.key for m in METRICS)
+            _check(metric(name) is not None, "metric_for_best_model", name, keys)
 
     def _check_trackers(self) -> None:
         from accelerate.tracking import get_available_trackers

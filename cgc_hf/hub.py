@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 )
 
 from ._io import replace_folder
-from .backbones import BackboneAdapter
+from .backbones import BackboneAdapter, HubOptions
 from .card import model_card
 from .config import CGCConfig
 from .errors import CGCValueError, CheckpointError
@@ -233,14 +233,9 @@ class CGCHubMixin:
                     "pass one of them."
                 )
             device = map_location
+        hub = HubOptions(revision, cache_dir, token)
         folder = _resolve_folder(
-            repo_id_or_dir,
-            revision=revision,
-            token=token,
-            local_files_only=local_files_only,
-            cache_dir=cache_dir,
-            allow_pickle=allow_pickle,
-            force_download=force_download,
+            repo_id_or_dir, hub, local_files_only, allow_pickle, force_download
         )
         config = read_config(folder, num_labels)
         state = read_weights(folder, allow_pickle)
@@ -419,11 +414,8 @@ def _offline_env() -> bool:
 
 def _resolve_folder(
     repo_id_or_dir: str | os.PathLike,
-    *,
-    revision: str | None,
-    token: str | bool | None,
+    hub: HubOptions,
     local_files_only: bool,
-    cache_dir: str | os.PathLike | None,
     allow_pickle: bool,
     force_download: bool,
 ) -> Path:
@@ -439,13 +431,11 @@ def _resolve_folder(
     repo_id = str(repo_id_or_dir)
     offline = local_files_only or _offline_env()
     patterns = [CONFIG_NAME, WEIGHTS_NAME] + ([PICKLE_WEIGHTS_NAME] if allow_pickle else [])
-    at = f" at revision {revision!r}" if revision else ""
+    at = f" at revision {hub.revision!r}" if hub.revision else ""
     try:
         folder = snapshot_download(
             repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
+            **hub.kwargs(),
             local_files_only=offline,
             force_download=force_download,
             allow_patterns=patterns,
@@ -468,7 +458,9 @@ def _resolve_folder(
             "folder written by save_pretrained."
         ) from None
     except RevisionNotFoundError:
-        raise CheckpointError(f"Hub repository {repo_id!r} has no revision {revision!r}.") from None
+        raise CheckpointError(
+            f"Hub repository {repo_id!r} has no revision {hub.revision!r}."
+        ) from None
     except RepositoryNotFoundError:
         raise CheckpointError(
             f"Hub repository {repo_id!r} was not found (a private or gated repository needs "

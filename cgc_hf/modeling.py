@@ -16,7 +16,7 @@ from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .backbones import BackboneAdapter, HubOptions, create_backbone, get_adapter
 from .cam import class_scores, combine, linear_head_cam
 from .config import IGNORE_INDEX, CGCConfig
-from .errors import CGCValueError
+from .errors import CGCValueError, first_line
 from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .readout import ClassTokenReadout
@@ -119,13 +119,26 @@ class CGCModel(CGCHubMixin, nn.Module):
         """
         if id2label is not None and num_labels is None:
             num_labels = len(id2label)
+        wants_weights = pretrained or pretrained_weights is not None
         if pretrained_weights is not None:
             pretrained = False  # the file's weights replace any download
         hub = HubOptions(revision, cache_dir, token)
-        built = create_backbone(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
+        try:
+            built = create_backbone(
+                name_or_model, num_labels, id2label, pretrained, model_kwargs, hub
+            )
+            if pretrained_weights is not None:
+                load_weights(built.model, pretrained_weights)
+        except OSError as err:  # a weight download that failed (no network, no cache)
+            if not wants_weights:
+                raise
+            raise CGCValueError(
+                f"name_or_model={name_or_model!r}: pretrained weights could not be loaded "
+                f"({type(err).__name__}: {first_line(err)}). Run where the Hugging Face Hub is "
+                "reachable (or with the weights cached), or pass pretrained=False "
+                "(--no_pretrained) to start from random weights."
+            ) from None
         adapter, backbone = built.adapter, built.model
-        if pretrained_weights is not None:
-            load_weights(backbone, pretrained_weights)
         source = name_or_model if isinstance(name_or_model, str) else None
         if id2label is None:
             id2label = adapter.id2label(backbone)

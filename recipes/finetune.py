@@ -38,7 +38,6 @@ from cgc_hf import (
     CGCModel,
     CGCTrainer,
     CGCTrainingArguments,
-    CGCValueError,
     DataArguments,
     HubArguments,
     ModelArguments,
@@ -106,28 +105,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3. Model: any timm / transformers classifier, with its head sized to this dataset.
     pretrained = model_args.pretrained if model_args.pretrained is not None else not synthetic
     model_name = model_args.model_name_or_path or DEFAULT_MODEL
-    try:
-        model = CGCModel.from_backbone(
-            model_name,
-            num_labels=splits.num_labels,
-            id2label=splits.id2label,
-            pretrained=pretrained,
-            target_layer=model_args.target_layer,  # CGC: the layer Grad-CAM explains
-            model_kwargs=model_args.model_kwargs,
-            pretrained_weights=model_args.pretrained_weights,
-            input_size=model_args.image_size or (SYNTHETIC_IMAGE_SIZE if synthetic else None),
-            revision=model_args.model_revision,
-            cache_dir=model_args.cache_dir,
-            token=hub.token,  # for the download only; the trainer never writes it
-            **method,  # CGC
-        )
-    except OSError as err:  # a weight download that failed (no network, no cache)
-        raise CGCValueError(
-            f"model_name_or_path={model_name!r}: pretrained weights could not be loaded "
-            f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}). "
-            "Run where the Hugging Face Hub is reachable (or with the weights cached), or pass "
-            "--no_pretrained to start from random weights."
-        ) from None
+    model = CGCModel.from_backbone(
+        model_name,
+        num_labels=splits.num_labels,
+        id2label=splits.id2label,
+        pretrained=pretrained,
+        target_layer=model_args.target_layer,  # CGC: the layer Grad-CAM explains
+        model_kwargs=model_args.model_kwargs,
+        pretrained_weights=model_args.pretrained_weights,
+        input_size=model_args.image_size or (SYNTHETIC_IMAGE_SIZE if synthetic else None),
+        revision=model_args.model_revision,
+        cache_dir=model_args.cache_dir,
+        token=hub.token,  # for the download only; the trainer never writes it
+        **method,  # CGC
+    )
 
     # 4. Labeled / unlabeled / eval datasets, with transforms from the model's data config.
     data = data_args.build_datasets(splits, model.config.data_config, seed=args.seed)

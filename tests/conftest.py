@@ -338,13 +338,9 @@ def fresh_accelerate():
 
 def run_script(script: str | Path, *argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """Run ``python <script> argv...`` from the repository root, offline, as a user would."""
+    command = [sys.executable, str(script), *argv]
     return subprocess.run(
-        [sys.executable, str(script), *argv],
-        capture_output=True,
-        text=True,
-        env=OFFLINE_ENV,
-        timeout=timeout,
-        cwd=ROOT,
+        command, capture_output=True, text=True, env=OFFLINE_ENV, timeout=timeout, cwd=ROOT
     )
 
 

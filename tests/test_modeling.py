@@ -197,3 +197,23 @@ def test_training_forward_without_gradients_says_what_to_do(resnet):
     resnet.train()
     with torch.no_grad(), pytest.raises(CGCValueError, match="model.eval"):
         resnet(torch.randn(2, 3, 64, 64))
+
+
+def test_a_failed_weight_download_is_one_error_naming_the_way_out(monkeypatch):
+    import timm
+
+    real = timm.create_model
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:  # what huggingface_hub raises offline without a cached copy (an OSError)
+            raise FileNotFoundError("cannot find the requested files in the local cache")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CGCValueError) as err:
+        CGCModel.from_backbone("resnet18", num_labels=3)
+    message = str(err.value)
+    assert message.startswith("name_or_model='resnet18': pretrained weights could not be loaded")
+    assert "FileNotFoundError: cannot find the requested files" in message
+    assert "pretrained=False (--no_pretrained)" in message
+    assert CGCModel.from_backbone("resnet18", num_labels=3, pretrained=False).num_labels == 3
