@@ -26,11 +26,13 @@ Usage:
     python benchmarks/cost.py --models resnet18 --image_size 64 --steps 3   # a quick look
     python benchmarks/cost.py --batch_sizes 8 16 32 --modes cgc             # throughput
     python benchmarks/cost.py --overhead --models resnet18 --image_size 64 --steps 10 --cpu_time
+    python benchmarks/cost.py --models resnet50 --modes ce2 cgc --channels_last --cpu_time
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -46,6 +48,8 @@ from cgc_hf import CGCLoss, CGCModel, combine, sample_crop_flip, warp
 from cgc_hf.targets import capture, to_nchw
 
 MODES = ("ce2", "cgc", "naive", "cgc_whole")
+CL = "_cl"
+"""Suffix of a mode run in channels-last memory format (model and images), e.g. ``cgc_cl``."""
 
 
 # One model per heatmap path. A name here is a preset; any other name is a timm model name.
@@ -166,16 +170,19 @@ STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive, "cgc_whole": ste
 
 def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None, clock=None):
     clock = clock or time.perf_counter
+    fmt = torch.channels_last if mode.endswith(CL) else torch.contiguous_format
+    step = STEPS[mode.removesuffix(CL)]
     g = torch.Generator(device="cpu").manual_seed(0)
     for _ in range(steps):
         x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+        x = x.contiguous(memory_format=fmt)
         labels = torch.randint(0, 200, (batch,), generator=g).to(device)
         t = sample_crop_flip(batch, generator=g).to(device)
         if device == "cuda":
             torch.cuda.synchronize()
         start = clock()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss = STEPS[mode](model, x, labels, t)
+            loss = step(model, x, labels, t)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -209,6 +216,8 @@ def memory_child(args) -> None:
     """Run one mode in this (fresh) process and print its peak memory in MiB as JSON."""
     torch.manual_seed(0)
     model = build(args.models[0], args.image_size, args.device)
+    if args.modes[0].endswith(CL):
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = getattr(torch, args.dtype)
     # The baseline is taken before any step: CPU allocators keep freed memory, so a warm-up
@@ -353,7 +362,18 @@ def measure_memory(args, name: str, mode: str, batch: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="presets or timm names")
-    p.add_argument("--modes", nargs="+", default=["ce2", "cgc", "naive"], choices=MODES)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["ce2", "cgc", "naive"],
+        choices=MODES + tuple(m + CL for m in MODES),
+    )
+    p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="also run each mode in channels-last memory format (model and images), "
+        "interleaved with the default format: modes <mode>_cl",
+    )
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[8])
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 1 warm-up)")
@@ -386,6 +406,8 @@ def main() -> None:
         return profile(args)
     if args.overhead:
         return overhead(args)
+    if args.channels_last:
+        args.modes += [m + CL for m in args.modes if not m.endswith(CL)]
     dtype = getattr(torch, args.dtype)
     clock = time.perf_counter
     if args.cpu_time:
@@ -401,21 +423,27 @@ def main() -> None:
         torch.manual_seed(0)
         model = build(name, args.image_size, args.device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        pairs = {False: (model, opt)}
+        if any(m.endswith(CL) for m in args.modes):  # the same weights, stored channels-last
+            cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            pairs[True] = (cl_model, torch.optim.SGD(cl_model.parameters(), lr=1e-3, momentum=0.9))
         for batch in args.batch_sizes:
             times = {m: [] for m in args.modes}
             for m in args.modes:  # warm-up
-                run_steps(model, m, batch, args.image_size, args.device, 1, dtype, opt)
+                net, optim = pairs[m.endswith(CL)]
+                run_steps(net, m, batch, args.image_size, args.device, 1, dtype, optim)
             for _ in range(args.steps):  # interleaved, so drifts in machine load hit all modes
                 for m in args.modes:
+                    net, optim = pairs[m.endswith(CL)]
                     run_steps(
-                        model,
+                        net,
                         m,
                         batch,
                         args.image_size,
                         args.device,
                         1,
                         dtype,
-                        opt,
+                        optim,
                         times[m],
                         clock,
                     )
@@ -454,6 +482,9 @@ def _format(row: dict, modes: list[str]) -> str:
             parts.append(f"memory {row['cgc_peak_mib'] / row['ce2_peak_mib']:.2f}x")
     if "naive" in modes and "cgc" in modes:
         parts.append(f"speed-up over naive {row['naive_s'] / row['cgc_s']:.2f}x")
+    for m in modes:
+        if m.endswith(CL) and m.removesuffix(CL) in modes:
+            parts.append(f"{m}/{m.removesuffix(CL)} time {row[f'{m}_s'] / row[f'{m[:-3]}_s']:.2f}x")
     return " | ".join(parts)
 
 
