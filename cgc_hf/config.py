@@ -367,12 +367,8 @@ class CGCTrainingArguments:
         for name in ("warmup_steps", "cgc_warmup_steps", "eval_insertion_steps", "figure_images"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         workers = self.dataloader_num_workers
-        _check(
-            workers is None or workers >= 0,
-            "dataloader_num_workers",
-            workers,
-            "an integer >= 0, or None for the default",
-        )
+        ok = workers is None or workers >= 0
+        _check(ok, "dataloader_num_workers", workers, "an integer >= 0, or None for the default")
         if workers == 0 and self.dataloader_prefetch_factor is not None:
             raise CGCValueError(
                 f"dataloader_prefetch_factor={self.dataloader_prefetch_factor} needs worker "
