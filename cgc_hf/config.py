@@ -77,6 +77,11 @@ class CGCConfig:
     ce_on_augmented: bool = option(
         True, "Also apply cross-entropy to the augmented view of labeled rows."
     )
+    separate_views: bool = option(
+        False,
+        "Run the original and the augmented view in two forwards (each view its own "
+        "BatchNorm batch, as the paper's code does) instead of one forward over both.",
+    )
     # --- model ----------------------------------------------------------------------------
     library: str | None = option(None, "Backbone library: 'timm' or 'transformers'.")
     architecture: str | None = option(
@@ -483,6 +488,7 @@ METHOD_FIELDS = (
     "crop_ratio",
     "flip_prob",
     "ce_on_augmented",
+    "separate_views",
 )
 """The fields that describe the method (the ones recipes expose as flags)."""
 

@@ -261,17 +261,26 @@ class CGCModel(CGCHubMixin, nn.Module):
                 b, cfg.crop_scale, cfg.crop_ratio, cfg.flip_prob, w / h, pixel_values.device
             )
         x_aug = warp(pixel_values, geometry.to(pixel_values.device))  # (B, 3, H, W)
-        # One pass over both views keeps a single forward/backward for DDP and FSDP.
-        with self._capture() as (cap, token):
-            logits_all = self._logits(torch.cat([pixel_values, x_aug]))  # (2B, K)
-        logits, logits_aug = logits_all.split(b)  # (B, K) each
-        classes = logits.detach().argmax(1)  # (B,) the paper explains the predicted class
-        if cfg.cam_target == "label" and labels is not None:
-            classes = torch.where(labels >= 0, labels, classes)
-        cams = self._heatmaps(
-            cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), True, token
-        )  # (2B, h', w')
-        cam, cam_aug = cams.split(b)
+        if cfg.separate_views:
+            # Two passes: BatchNorm normalises each view by its own batch statistics.
+            with self._capture() as (cap, token):
+                logits = self._logits(pixel_values)  # (B, K)
+            classes = self._classes(logits, labels)
+            cam = self._heatmaps(cap.tensor, logits, classes, (h, w), True, token)
+            with self._capture() as (cap, token):
+                logits_aug = self._logits(x_aug)  # (B, K)
+            cam_aug = self._heatmaps(cap.tensor, logits_aug, classes, (h, w), True, token)
+            logits_all = torch.cat([logits, logits_aug])  # (2B, K)
+        else:
+            # One pass over both views keeps a single forward/backward for DDP and FSDP.
+            with self._capture() as (cap, token):
+                logits_all = self._logits(torch.cat([pixel_values, x_aug]))  # (2B, K)
+            logits = logits_all[:b]  # (B, K)
+            classes = self._classes(logits, labels)
+            cams = self._heatmaps(
+                cap.tensor, logits_all, torch.cat([classes, classes]), (h, w), True, token
+            )  # (2B, h', w')
+            cam, cam_aug = cams.split(b)
         cam_pos, cam_aug = align_heatmaps(cam, cam_aug, geometry, cfg.compare_size)  # (B, S, S)
         loss_cgc = self._cgc(cam_aug, cam_pos)
         if labels is None:
@@ -282,6 +291,13 @@ class CGCModel(CGCHubMixin, nn.Module):
             loss_ce = self._ce(logits, labels)
         loss = loss_ce + cfg.cgc_lambda * self.cgc_weight * loss_cgc
         return {"loss": loss, "logits": logits, "loss_ce": loss_ce, "loss_cgc": loss_cgc}
+
+    def _classes(self, logits: Tensor, labels: Tensor | None) -> Tensor:
+        """Class to explain per row ``(B,)``: the paper explains the predicted class."""
+        classes = logits.detach().argmax(1)
+        if self.config.cam_target == "label" and labels is not None:
+            classes = torch.where(labels >= 0, labels, classes)
+        return classes
 
     def _cgc(self, cam_aug: Tensor, cam_pos: Tensor) -> Tensor:
         if cam_aug.shape[0] < 2 and self.loss_fn.gather is None:

@@ -217,3 +217,38 @@ def test_a_failed_weight_download_is_one_error_naming_the_way_out(monkeypatch):
     assert "FileNotFoundError: cannot find the requested files" in message
     assert "pretrained=False (--no_pretrained)" in message
     assert CGCModel.from_backbone("resnet18", num_labels=3, pretrained=False).num_labels == 3
+
+
+def test_separate_views_equal_one_pass_without_batch_coupled_layers(vit):
+    vit.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    geometry = CropFlip(
+        torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.7, 0.9]] * 2),
+        torch.tensor([True, False, False, True]),
+    )
+    labels = torch.tensor([0, 2, -100, 1])
+    joint = vit(x, labels=labels, geometry=geometry)
+    vit.config.separate_views = True
+    try:
+        separate = vit(x, labels=labels, geometry=geometry)
+    finally:
+        vit.config.separate_views = False
+    for key in ("logits", "loss_ce", "loss_cgc", "loss"):
+        torch.testing.assert_close(separate[key], joint[key], rtol=1e-5, atol=1e-6)
+
+
+def test_separate_views_normalise_each_view_by_its_own_batch():
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone("resnet18", num_labels=4, pretrained=False, separate_views=True)
+    model.train()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    geometry = CropFlip(torch.tensor([[0.2, 0.2, 0.8, 0.8]] * 4), torch.ones(4, dtype=torch.bool))
+    state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    out = model(x, geometry=geometry)
+    model.backbone.load_state_dict(state)  # the reference pass sees the same running statistics
+    alone = model.backbone(x)  # BatchNorm in training mode over these 4 images only
+    torch.testing.assert_close(out["logits"], alone, rtol=1e-4, atol=1e-5)
+    model.config.separate_views = False
+    model.backbone.load_state_dict(state)
+    joint = model(x, geometry=geometry)
+    assert not torch.allclose(joint["logits"], alone, atol=1e-3)  # one pass mixes both views
