@@ -326,14 +326,19 @@ def tiny_model(seed: int = 0, size: int = TRAIN_SIZE, **cgc_options: Any) -> CGC
     )
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Each trainer builds an Accelerator; its process-wide state must not leak between tests."""
-    yield
+def reset_accelerate() -> None:
+    """Forget the process-wide state of the last Accelerator, so the next one starts afresh."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Each trainer builds an Accelerator; its process-wide state must not leak between tests."""
+    yield
+    reset_accelerate()
 
 
 def run_script(script: str | Path, *argv: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -344,16 +349,25 @@ def run_script(script: str | Path, *argv: str, timeout: int = 240) -> subprocess
     )
 
 
-def load_recipe(name: str) -> Any:
-    """Import ``recipes/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
+def load_script(path: str | Path, name: str) -> Any:
+    """Import the script at ``path`` as the module ``name``, to call its functions in-process."""
     import importlib.util
 
-    path = ROOT / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"cgc_recipe_{name}", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
+
+
+def load_recipe(name: str) -> Any:
+    """Import ``recipes/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
+    return load_script(ROOT / "recipes" / f"{name}.py", f"cgc_recipe_{name}")
+
+
+def load_benchmark(name: str) -> Any:
+    """Import ``benchmarks/<name>.py`` as a module, to test its functions without running it."""
+    return load_script(ROOT / "benchmarks" / f"{name}.py", f"cgc_benchmark_{name}")
 
 
 class FakeHfApi:

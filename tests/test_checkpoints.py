@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import Stop, tiny_trainer
+from conftest import Stop, reset_accelerate, tiny_trainer
 
 from cgc_hf import CGCError, CGCTrainer, CheckpointError
 from cgc_hf.training import COMPLETE, complete_checkpoints
@@ -27,13 +27,10 @@ def weights(t: CGCTrainer) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from accelerate.state import AcceleratorState, GradientState
-
     t = trainer(tmp_path_factory.mktemp("ref") / "run")
     t.train()
     want = weights(t)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return want
 
 

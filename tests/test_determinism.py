@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Stop, stop_after, tiny_args, tiny_hf, tiny_timm
+from conftest import Stop, reset_accelerate, stop_after, tiny_args, tiny_hf, tiny_timm
 
 from cgc_hf import CGCModel, CropFlip, sample_crop_flip
 
@@ -272,15 +272,11 @@ def _train(out: Path, workers: int, stop_at: int | None = None, resume: str | No
 
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_loader_workers_resume_to_the_single_process_run(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
     reference = _train(tmp_path / "ref", workers=0).state_dict()
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(Stop):
         _train(tmp_path / "run", workers=2, stop_at=3)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = _train(tmp_path / "run", workers=2, resume="latest").state_dict()
     assert resumed.keys() == reference.keys()
     differ = [k for k in reference if not torch.equal(reference[k], resumed[k])]

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "effect.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def effect():
-    spec = importlib.util.spec_from_file_location("cgc_benchmark_effect", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("effect")
 
 
 def test_every_cgc_run_has_a_labeled_only_baseline(effect):

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_cost.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("cgc_benchmark_eval_cost", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("eval_cost")
 
 
 def test_a_section_inside_itself_or_a_skipped_one_is_counted_once(bench, monkeypatch):

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import OFFLINE_ENV as ENV
-from conftest import ROOT, load_recipe, run_script, tiny_model, tiny_trainer
+from conftest import ROOT, load_recipe, reset_accelerate, run_script, tiny_model, tiny_trainer
 from PIL import Image
 
 from cgc_hf import (
@@ -573,10 +573,7 @@ def test_quoted_yaml_values_mean_what_they_say(recipe, tmp_path):
     assert saved["training_arguments"]["learning_rate"] == 1e-4
     weights = (out / "model" / "model.safetensors").read_bytes()
     config.write_text("overwrite_output_dir: 'no'\nmax_train_steps: 1\n")
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(CGCError, match="already holds a finished run"):
         recipe.main([*TINY, "--config", str(config), "--output_dir", str(out)])
     assert (out / "model" / "model.safetensors").read_bytes() == weights
@@ -613,10 +610,7 @@ def test_corrupt_images_raise_by_default_and_are_skipped_and_counted_on_request(
         recipe.main([*argv, "--output_dir", str(tmp_path / "raise")])
     assert "unreadable image" in str(err.value) and "--on_bad_image skip" in str(err.value)
     assert re.search(r"row \d+ of dataset", str(err.value))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     metrics = recipe.main([*argv, "--on_bad_image", "skip", "--output_dir", str(tmp_path / "ok")])
     assert metrics["bad_images"] == 2  # each broken file counted once over the whole run
     assert "skipped 2 unreadable images" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import NoiseImages, Stop, stop_after, tiny_args, tiny_model
+from conftest import NoiseImages, Stop, reset_accelerate, stop_after, tiny_args, tiny_model
 from torch.utils.data import IterableDataset
 
 from cgc_hf import CGCTrainer, CGCValueError
@@ -61,20 +61,16 @@ def weights(trainer: CGCTrainer) -> dict[str, torch.Tensor]:
 
 
 def test_stopped_mid_pass_and_resumed_equals_the_uninterrupted_run(tmp_path, fresh_accelerate):
-    from accelerate.state import AcceleratorState, GradientState
-
     reference = run(tmp_path / "ref")
     reference.train()
     want = weights(reference)
     assert (reference.state.unlabeled_epoch, reference.state.unlabeled_batches) == (1, 3)
     for stop_at in (5, 3):  # resume from step 4 (pass 1, batch 1) and step 2 (pass 0, batch 2)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         out = tmp_path / f"stopped-{stop_at}"
         with pytest.raises(Stop):
             run(out, stop_at=stop_at).train()
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         resumed = run(out, resume_from_checkpoint="latest")
         resumed.train()
         got = weights(resumed)

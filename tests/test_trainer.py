@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 from conftest import TRAIN_SIZE as SIZE
-from conftest import tiny_args, tiny_model
+from conftest import reset_accelerate, tiny_args, tiny_model
 
 from cgc_hf import CGCError, CGCModel, CGCTrainingArguments, CGCValueError
 from cgc_hf.sampling import EpochSampler
@@ -435,10 +435,7 @@ def test_mixed_precision_follows_accelerate_configuration(tmp_path, monkeypatch)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets
     trainer = CGCTrainer(tiny_model(), args_for(tmp_path), Tiny(8))
     assert trainer.accelerator.mixed_precision == "bf16"
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     explicit = CGCTrainer(tiny_model(), args_for(tmp_path, mixed_precision="no"), Tiny(8))
     assert explicit.accelerator.mixed_precision == "no"  # a flag still wins
 
