@@ -398,18 +398,10 @@ class CGCTrainingArguments:
             "a number > 0, or None / 0 to disable clipping",
         )
         _check(self.optim in OPTIMIZERS, "optim", self.optim, OPTIMIZERS)
-        _check(
-            self.lr_scheduler_type in SCHEDULERS,
-            "lr_scheduler_type",
-            self.lr_scheduler_type,
-            SCHEDULERS,
-        )
-        _check(
-            self.mixed_precision is None or self.mixed_precision in PRECISIONS,
-            "mixed_precision",
-            self.mixed_precision,
-            PRECISIONS,
-        )
+        scheduler, precision = self.lr_scheduler_type, self.mixed_precision
+        _check(scheduler in SCHEDULERS, "lr_scheduler_type", scheduler, SCHEDULERS)
+        ok = precision is None or precision in PRECISIONS
+        _check(ok, "mixed_precision", precision, PRECISIONS)
         if self.mixed_precision == "fp16" and not _fp16_device_available():
             raise CGCValueError(
                 "mixed_precision='fp16' needs a GPU, and none is visible; use "

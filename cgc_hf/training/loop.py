@@ -166,10 +166,8 @@ class CGCTrainer:
         self.run_folder.lock()
         try:
             return self._train()
-        except CheckpointError:
-            raise
         except Exception as err:  # a full disk shows up wherever the run writes next
-            if not is_write_error(err, writes_into=self.output_dir):
+            if isinstance(err, CheckpointError) or not is_write_error(err, self.output_dir):
                 raise
             raise write_failure(self.output_dir, err, self.checkpoints.latest()) from err
         finally:
@@ -309,17 +307,13 @@ class CGCTrainer:
         """
         if self.eval_loader is None:
             return {}
-        acc = self.accelerator
+        acc, args = self.accelerator, self.args
         model = acc.unwrap_model(self.model)
-        steps, images = self.args.eval_insertion_steps, self.args.figure_images
+        steps, first = args.eval_insertion_steps, args.eval_explanation_images
         result = evaluate(
-            model,
-            self.eval_loader,
-            acc,
-            self.args.seed,
-            insertion_steps=steps,
-            explain_images=self.args.eval_explanation_images,
+            model, self.eval_loader, acc, args.seed, insertion_steps=steps, explain_images=first
         )
+        images = args.figure_images
         if images and acc.is_main_process:
             data, step = self.eval_loader.dataset, self.state.global_step
             figure = write_figure(acc, model, data, self.collate, images, self.output_dir, step)
@@ -353,9 +347,8 @@ class CGCTrainer:
         path = self.checkpoints.find(target) if target else None
         if path is not None:
             saved = self.checkpoints.run_config(path)
-            self.resume_changes = check_resume(
-                saved, self._resolved(), path, self.args.allow_config_change
-            )
+            allow = self.args.allow_config_change
+            self.resume_changes = check_resume(saved, self._resolved(), path, allow)
             self.state = self.checkpoints.load(path)
             if self.best.keep:
                 self.checkpoints.keep = self.best.checkpoint(self.state, self.checkpoints.root)
@@ -392,14 +385,10 @@ class CGCTrainer:
 
     def save_model(self, metrics: dict[str, Any] | None = None) -> Path:
         """Save the trained model to ``output_dir/model`` (loads with ``from_pretrained``)."""
-        return save_final_model(
-            self.accelerator.unwrap_model(self.model),
-            self.output_dir / "model",
-            metrics or {},
-            self.run_info,
-            getattr(self, "last_figure", None),
-            self.checkpoints.latest(),
-        )
+        model = self.accelerator.unwrap_model(self.model)
+        figure, latest = getattr(self, "last_figure", None), self.checkpoints.latest()
+        out = self.output_dir / "model"
+        return save_final_model(model, out, metrics or {}, self.run_info, figure, latest)
 
     def _resolved(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)
