@@ -146,6 +146,7 @@ def run(args: EvaluationArguments, data_args: DataArguments) -> dict[str, Any]:
         print(format_table(summaries, comparison["differences"]))
         print(f"wrote {args.output_dir}/comparison.json")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # each process leaves the process group before it exits
     return comparison
 
 
