@@ -124,3 +124,15 @@ def test_the_lock_is_held_while_training(tmp_path):
     first._step_end = step_end
     first.train()
     assert seen == [True]
+
+
+def test_tracker_config_holds_every_method_option_as_a_scalar():
+    from cgc_hf import METHOD_FIELDS, CGCConfig
+    from cgc_hf.training.run_folder import tracker_config
+
+    config = CGCConfig(separate_views=True, crop_scale=(0.2, 1.0), target_layer=None).to_dict()
+    flat = tracker_config({"training_arguments": {"seed": 3}, "cgc_config": config})
+    assert set(METHOD_FIELDS) <= set(flat)
+    assert flat["separate_views"] is True and flat["crop_scale"] == "[0.2, 1.0]"
+    assert flat["seed"] == 3 and flat["target_layer"] == "None"
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import read_json, redact, write_json
+from ..config import METHOD_FIELDS
 from ..errors import CGCValueError, CheckpointError
 from .checkpoints import CHECKPOINT_PREFIX, COMPLETE, PARTIAL_PREFIX
 from .guards import first_line, is_write_error
@@ -283,12 +284,10 @@ def resolved_config(
 def tracker_config(resolved: dict[str, Any]) -> dict[str, Any]:
     """The resolved configuration as scalars only (TensorBoard's hparams accept nothing else)."""
     cfg = resolved["cgc_config"]
-    method = ("cgc_lambda", "temperature", "cam_method", "cam_target", "compare_size", "flip_prob")
-    model = ("ce_on_augmented", "library", "architecture", "num_labels", "target_layer")
-    items = [*resolved["training_arguments"].items(), *((k, cfg.get(k)) for k in method + model)]
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in items}
-    flat["crop_scale"] = str(cfg.get("crop_scale"))
-    return flat
+    model = ("library", "architecture", "num_labels", "target_layer")
+    items = [*resolved["training_arguments"].items()]
+    items += [(k, cfg.get(k)) for k in (*METHOD_FIELDS, *model)]
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in items}
 
 
 def save_final_model(
