@@ -29,15 +29,15 @@ from cgc_hf import (
     consistency,
     load_classifier,
 )
+from cgc_hf.data import Splits
 from cgc_hf.evaluation import consistency_transforms
 
 BINS = (0.0, 0.2, 0.4, 0.7, 1.0)
 
 
-def measure(ref: str, data_args: DataArguments, seed: int) -> dict[str, float]:
+def measure(ref: str, splits: Splits, seed: int) -> dict[str, float]:
     """Mean consistency per crop-area bin, overall, and the mean heatmap entropy of one model."""
     model = load_classifier(ref).eval()
-    splits = data_args.load_splits(seed=seed)
     transform = build_transform(model.config.data_config, train=False)
     dataset = CGCDataset(splits.eval, transform, splits.spec)
     cosines, areas, entropies = [], [], []
@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=42, help="evaluate.py's --seed: the same crops")
     args = p.parse_args(argv)
     data_args = DataArguments(dataset_name=args.dataset, eval_split=args.eval_split)
+    splits = data_args.load_splits(seed=args.seed)  # once: every model sees the same images
     spans = [f"{lo}-{hi}" for lo, hi in zip(BINS, BINS[1:])]
     print("| model | all | " + " | ".join(f"crop area {s}" for s in spans) + " | entropy |")
     print("|---" * (len(spans) + 3) + "|")
     for ref in args.models:
-        r = measure(ref, data_args, args.seed)
+        r = measure(ref, splits, args.seed)
         cells = " | ".join(f"{r[s]:.3f} (n={r['n ' + s]})" for s in spans)
         print(
             f"| {ref} | {r['all']:.3f} | {cells} | {r['entropy']:.2f} / {r['flat_entropy']:.2f} |"
