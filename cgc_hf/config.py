@@ -342,6 +342,9 @@ class CGCTrainingArguments:
     figure_images: int = option(
         4, "Images in the heatmap figure written at each evaluation (0: none)."
     )
+    channels_last: bool = option(
+        False, "Train with the model and images in channels-last (NHWC) memory format."
+    )
 
     def __post_init__(self) -> None:
         coerce_fields(self)

@@ -200,15 +200,28 @@ class UnlabeledStream:
             state.unlabeled_batches = 0
 
 
+def memory_format(args: Any) -> torch.memory_format:
+    """The memory format of the training model and images: NHWC with ``args.channels_last``,
+    else whatever format they already have."""
+    return torch.channels_last if getattr(args, "channels_last", False) else torch.preserve_format
+
+
 def merge(
-    batch: dict[str, Tensor], unlabeled: Iterator[dict[str, Tensor]] | None
+    batch: dict[str, Tensor],
+    unlabeled: Iterator[dict[str, Tensor]] | None,
+    image_format: torch.memory_format = torch.preserve_format,
 ) -> tuple[Tensor, Tensor]:
-    """Labeled images and labels, with the next unlabeled batch appended (labels ``-100``)."""
+    """Labeled images and labels, with the next unlabeled batch appended (labels ``-100``),
+    the images in ``image_format``.
+
+    Shape:
+        Returns ``(B + U, 3, H, W)`` images and ``(B + U,)`` labels (``U = 0`` without a pool).
+    """
     pixel_values, labels = batch["pixel_values"], batch["labels"]  # (B, 3, H, W), (B,)
-    if unlabeled is None:
-        return pixel_values, labels
-    u = next(unlabeled)["pixel_values"].to(pixel_values.device)  # (U, 3, H, W)
-    no_label = torch.full(
-        (u.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
-    )  # (U,)
-    return torch.cat([pixel_values, u]), torch.cat([labels, no_label])  # (B + U, ...)
+    if unlabeled is not None:
+        u = next(unlabeled)["pixel_values"].to(pixel_values.device)  # (U, 3, H, W)
+        no_label = torch.full(
+            (u.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
+        )  # (U,)
+        pixel_values, labels = torch.cat([pixel_values, u]), torch.cat([labels, no_label])
+    return pixel_values.to(memory_format=image_format), labels

@@ -137,6 +137,7 @@ class CGCTrainer:
                 msg = "explanation metrics on the first %d of the %d evaluation images"
                 logger.info(msg, args.eval_explanation_images, len(eval_dataset))
 
+        model.to(memory_format=loaders.memory_format(args))  # channels_last: 4-D weights NHWC
         optimizer = build_optimizer(model, args)
         self.steps_per_epoch = loaders.steps_per_epoch(len(train_dataset), args, acc.num_processes)
         self.max_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
@@ -211,7 +212,7 @@ class CGCTrainer:
                 loader.set_epoch(state.epoch)
             for batch in loader:
                 state.batch_in_epoch += 1
-                pixel_values, labels = loaders.merge(batch, unlabeled)  # (B', 3, H, W), (B',)
+                pixel_values, labels = loaders.merge(batch, unlabeled, loaders.memory_format(args))
                 self._running.images += pixel_values.shape[0] * acc.num_processes
                 window = window or NonFiniteWindow(self.model)
                 model.cgc_weight = cgc_ramp(state.global_step, args.cgc_warmup_steps)
