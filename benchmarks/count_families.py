@@ -361,7 +361,7 @@ def hf_build(model_type: str) -> Callable[[], CGCModel]:
             MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES,
         )
 
-        _, fields = HF_TINY[model_type]
+        side, fields = HF_TINY[model_type]
         if model_type == "shieldgemma2":
             config = _shieldgemma2_config()
         else:
@@ -370,9 +370,20 @@ def hf_build(model_type: str) -> Callable[[], CGCModel]:
         if not isinstance(classes, str):  # several heads (e.g. DeiT with teacher): the first
             config.architectures = [classes[0]]
         backbone = AutoModelForImageClassification.from_config(config)
-        return CGCModel.from_backbone(backbone)
+        processor = _imagegpt_processor(config, side) if model_type == "imagegpt" else None
+        return CGCModel.from_backbone(backbone, image_processor=processor)
 
     return build
+
+
+def _imagegpt_processor(config: Any, side: int) -> Any:
+    """An ImageGPT processor with random colour clusters, one per token id but the last (its
+    start-of-sequence token), in the [-1, 1] range the normalised pixels have."""
+    from transformers import ImageGPTImageProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    clusters = torch.rand(config.vocab_size - 1, 3, generator=gen) * 2 - 1
+    return ImageGPTImageProcessor(clusters=clusters, size={"height": side, "width": side})
 
 
 def _shieldgemma2_config() -> Any:

@@ -92,6 +92,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
+        image_processor: Any | None = None,
         **cgc_options: Any,
     ) -> CGCModel:
         """Wrap a timm / transformers classifier given by name, directory or instance.
@@ -115,6 +116,9 @@ class CGCModel(CGCHubMixin, nn.Module):
             cache_dir: folder of downloaded files (default: the huggingface_hub cache).
             token: Hub token for private or gated models (default: the saved login); used
                 for the downloads only, never saved or logged.
+            image_processor: a transformers image processor to preprocess with (and, for
+                ImageGPT, the colour clusters it reads) instead of the one saved with a named
+                model; an instance has none unless given.
             **cgc_options: :class:`CGCConfig` method fields (``cgc_lambda``, ``temperature``...).
         """
         if id2label is not None and num_labels is None:
@@ -125,7 +129,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         hub = HubOptions(revision, cache_dir, token)
         try:
             built = create_backbone(
-                name_or_model, num_labels, id2label, pretrained, model_kwargs, hub
+                name_or_model, num_labels, id2label, pretrained, model_kwargs, hub, image_processor
             )
             if pretrained_weights is not None:
                 load_weights(built.model, pretrained_weights)
@@ -140,6 +144,8 @@ class CGCModel(CGCHubMixin, nn.Module):
             ) from None
         adapter, backbone = built.adapter, built.model
         source = name_or_model if isinstance(name_or_model, str) else None
+        if image_processor is not None:
+            source = image_processor  # the processor given replaces the one saved with it
         if id2label is None:
             id2label = adapter.id2label(backbone)
         config = CGCConfig(

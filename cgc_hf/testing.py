@@ -32,21 +32,22 @@ HF_STAGES = dict(hidden_sizes=[16, 32], depths=[1, 1])
 
 
 def first_weight_layer(model: nn.Module, run: Callable[[], object]) -> nn.Module:
-    """The first ``Conv2d`` / ``Linear`` of ``model`` that ``run()`` calls: its stem or patch
-    embedding, found by running it rather than by name.
+    """The first ``Conv2d`` / ``Linear`` / ``Embedding`` of ``model`` that ``run()`` calls: its
+    stem, patch embedding or (ImageGPT, which reads colour ids) token embedding, found by running
+    it rather than by name.
 
     Args:
         model: the module whose layers are watched.
         run: calls ``model`` (or a part of it) once; it runs without gradients.
 
     Raises:
-        RuntimeError: no ``Conv2d`` / ``Linear`` of ``model`` ran.
+        RuntimeError: no ``Conv2d`` / ``Linear`` / ``Embedding`` of ``model`` ran.
     """
     order: list[nn.Module] = []
     handles = [
         m.register_forward_pre_hook(lambda m, _inputs: order.append(m))
         for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding))
     ]
     try:
         with torch.no_grad():
@@ -55,5 +56,7 @@ def first_weight_layer(model: nn.Module, run: Callable[[], object]) -> nn.Module
         for h in handles:
             h.remove()
     if not order:
-        raise RuntimeError(f"no Conv2d / Linear of {type(model).__name__} runs on the input")
+        raise RuntimeError(
+            f"no Conv2d / Linear / Embedding of {type(model).__name__} runs on the input"
+        )
     return order[0]

@@ -318,3 +318,80 @@ def calibrate_like_training(model: CGCModel) -> None:
     size = tuple(model.config.data_config["input_size"][-2:])
     spec = TinySpec("", image_size=size[0])
     calibrate_batchnorm(model.backbone, spec)
+
+
+# ------------------------------------------------------------------ ImageGPT reads colour ids
+def _imagegpt(side: int = 8) -> tuple[nn.Module, object]:
+    """A tiny ImageGPT classifier and a processor with random clusters (one per id but SOS)."""
+    from transformers import ImageGPTImageProcessor
+
+    backbone = _hf("imagegpt", n_embd=32, n_layer=1, n_head=2, n_positions=side * side)
+    clusters = torch.rand(backbone.config.vocab_size - 1, 3, generator=_gen()) * 2 - 1
+    return backbone, ImageGPTImageProcessor(clusters=clusters, size={"height": side, "width": side})
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _uint8_images(side: int, batch: int = 2) -> list[np.ndarray]:
+    pixels = torch.randint(0, 256, (batch, side, side, 3), generator=_gen(), dtype=torch.uint8)
+    return list(pixels.numpy())
+
+
+def test_imagegpt_reads_the_colour_ids_its_processor_makes(tmp_path):
+    backbone, processor = _imagegpt()
+    with pytest.raises(ValueError, match="image_processor=ImageGPTImageProcessor") as err:
+        CGCModel.from_backbone(backbone)  # an instance without its clusters
+    assert "\n" not in str(err.value)
+
+    model = CGCModel.from_backbone(backbone, image_processor=processor)
+    assert list(model.config.data_config["input_size"]) == [3, 8, 8]
+    assert model.config.data_config["mean"] == [0.5, 0.5, 0.5]  # the processor's [-1, 1]
+    # the reference: the processor's own ids, read by the model itself
+    raw = _uint8_images(8)
+    ids = processor(raw, return_tensors="pt")["input_ids"]
+    pixels = processor(raw, do_color_quantize=False, return_tensors="pt")["pixel_values"]
+    model.eval()
+    with torch.no_grad():
+        expected = backbone(input_ids=ids).logits
+        assert torch.allclose(model(pixels)["logits"], expected, atol=1e-6)
+
+    # the heatmap lives on the pixel grid of a transformer layer; the CGC gradient reaches wte
+    assert model.target.layout == "NLC" and model.target.num_prefix_tokens == 0
+    stem = first_weight_layer(model.backbone, lambda: model.adapter.logits(model.backbone, pixels))
+    assert stem is backbone.transformer.wte
+    _trains_and_explains(model, (8, 8))
+
+    # the clusters travel with the saved description and with the exported folder
+    rebuilt = CGCModel(model.config.to_dict())
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(pixels)["logits"], model(pixels)["logits"], atol=1e-6)
+    folder = model.export_backbone(tmp_path / "exported")
+    from_folder = CGCModel.from_backbone(str(folder))  # its processor is loaded with it
+    from transformers import AutoImageProcessor
+
+    saved = AutoImageProcessor.from_pretrained(str(folder))
+    assert torch.equal(saved(raw, return_tensors="pt")["input_ids"], ids)
+    # an instance loaded from the folder finds the processor saved beside it
+    from_instance = CGCModel.from_backbone(type(backbone).from_pretrained(str(folder)))
+    for loaded in (from_folder, from_instance):
+        loaded.eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded(pixels)["logits"], model(pixels)["logits"], atol=1e-6)
+
+
+def test_an_image_processor_given_sets_the_preprocessing():
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.25] * 3, size=32)
+    model = CGCModel.from_backbone(
+        _hf("vit", **_hf_vision(image_size=32, patch_size=8)), image_processor=processor
+    )
+    assert model.config.data_config["mean"] == [0.5] * 3
+    assert model.config.data_config["std"] == [0.25] * 3
+    backbone = timm.create_model("resnet18", num_classes=NUM_LABELS, pretrained=False)
+    with pytest.raises(ValueError, match="image_processor is for transformers models"):
+        CGCModel.from_backbone(backbone, image_processor=processor)

@@ -93,6 +93,7 @@ def create_backbone(
     pretrained: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     hub: HubOptions = DEFAULT_HUB,
+    image_processor: Any | None = None,
 ) -> Backbone:
     """Create (or adopt) a classifier with ``num_labels`` outputs.
 
@@ -105,6 +106,8 @@ def create_backbone(
         model_kwargs: extra arguments of ``timm.create_model`` or of the transformers config.
         hub: revision, cache folder and token of a named model's downloads (ignored for
             instances); what timm cannot apply is refused.
+        image_processor: a transformers image processor to take ImageGPT's colour clusters
+            from, instead of the one saved with a named model.
 
     Returns:
         The :class:`Backbone`.
@@ -113,7 +116,9 @@ def create_backbone(
         CGCMemoryError: the model does not fit in memory.
     """
     try:
-        return _create(name_or_model, num_labels, id2label, pretrained, model_kwargs, hub)
+        return _create(
+            name_or_model, num_labels, id2label, pretrained, model_kwargs, hub, image_processor
+        )
     except (torch.OutOfMemoryError, MemoryError) as err:
         name = name_or_model if isinstance(name_or_model, str) else type(name_or_model).__name__
         raise CGCMemoryError(
@@ -131,6 +136,7 @@ def _create(
     pretrained: bool,
     model_kwargs: dict[str, Any] | None,
     hub: HubOptions,
+    image_processor: Any | None = None,
 ) -> Backbone:
     model_kwargs = dict(model_kwargs or {})
     base_model = None
@@ -154,6 +160,8 @@ def _create(
         )
     if id2label is not None:
         adapter.set_labels(model, id2label)
+    if image_processor is not None:
+        adapter.use_processor(model, image_processor)
     architecture, config = adapter.describe(model, model_kwargs)
     return Backbone(model, adapter, architecture, config, base_model)
 

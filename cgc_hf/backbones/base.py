@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import CGCValueError
+
 if TYPE_CHECKING:
     from ..config import CGCConfig
 
@@ -141,9 +143,18 @@ class BackboneAdapter(ABC):
         Args:
             model: the classifier.
             source: the name or folder it was created from, whose saved preprocessing
-                (transformers image processor) is read; ``None`` for an instance.
+                (transformers image processor) is read, or the image processor given to
+                ``from_backbone`` instead; ``None`` for an instance without one.
             hub: where ``source``'s files come from.
         """
+
+    def use_processor(self, model: nn.Module, processor: Any) -> None:
+        """Take what ``model`` needs from the image processor given to ``from_backbone``
+        (ImageGPT's colour clusters); the preprocessing itself is read by :meth:`data_config`."""
+        raise CGCValueError(
+            f"image_processor is for transformers models; got a {self.library} model, whose "
+            "preprocessing comes from the model itself. Leave image_processor unset."
+        )
 
     def target_hints(self, model: nn.Module) -> tuple[str | None, int | None]:
         """``(layout, prefix tokens)`` the model declares, for :func:`~cgc_hf.resolve_target`."""

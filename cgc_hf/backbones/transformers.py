@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CGCValueError, close_matches
+from . import color_tokens
 from .base import (
     DEFAULT_HUB,
     IMAGENET_MEAN,
@@ -79,17 +80,18 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         try:
             if not request.pretrained:
                 config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kwargs)
-                return AutoModelForImageClassification.from_config(
+                model = AutoModelForImageClassification.from_config(
                     config, attn_implementation="eager", trust_remote_code=False
                 )
-            return AutoModelForImageClassification.from_pretrained(
-                name,
-                ignore_mismatched_sizes=num_labels is not None,
-                attn_implementation="eager",
-                use_safetensors=True,
-                trust_remote_code=False,
-                **kwargs,
-            )
+            else:
+                model = AutoModelForImageClassification.from_pretrained(
+                    name,
+                    ignore_mismatched_sizes=num_labels is not None,
+                    attn_implementation="eager",
+                    use_safetensors=True,
+                    trust_remote_code=False,
+                    **kwargs,
+                )
         except OSError as err:
             import timm
 
@@ -111,17 +113,39 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
                 "whose model type has an image-classification head, e.g. vit, convnext, swin, "
                 "resnet; a base model of such a type gets a new head."
             ) from None
+        if color_tokens.reads_color_tokens(model):  # ImageGPT: its processor's clusters
+            processor = _load_processor(name, hub)
+            if processor is not None:
+                self.use_processor(model, processor)
+        return model
+
+    def use_processor(self, model: nn.Module, processor: Any) -> None:
+        clusters = color_tokens.clusters_from_processor(processor)
+        if color_tokens.reads_color_tokens(model) and clusters is not None:
+            color_tokens.attach_clusters(model, clusters)
 
     def describe(
         self, model: nn.Module, model_kwargs: dict[str, Any]
     ) -> tuple[str, dict[str, Any]]:
-        return type(model).__name__, model.config.to_dict()
+        config = model.config.to_dict()
+        if color_tokens.reads_color_tokens(model):
+            if color_tokens.clusters_of(model) is None and model.config._name_or_path:
+                # an instance loaded with from_pretrained: the processor saved beside it
+                processor = _load_processor(model.config._name_or_path)
+                if processor is not None:
+                    self.use_processor(model, processor)
+            clusters = color_tokens.clusters_of(model)
+            if clusters is None:
+                raise color_tokens.missing_clusters_error(model)
+            config[color_tokens.CLUSTERS_KEY] = clusters.tolist()
+        return type(model).__name__, config
 
     def rebuild(self, architecture: str, backbone_config: dict[str, Any]) -> nn.Module:
         import transformers
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         config_dict = dict(backbone_config)
+        clusters = config_dict.pop(color_tokens.CLUSTERS_KEY, None)
         # from_dict, not the constructor: some configs (timm_wrapper) keep fields such as
         # num_classes / label_names only through their own from_dict.
         config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
@@ -131,11 +155,19 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
                 f"architecture {architecture!r} is not a transformers model class in this version "
                 f"({transformers.__version__}); upgrade transformers."
             )
-        return cls._from_config(config, attn_implementation="eager")
+        model = cls._from_config(config, attn_implementation="eager")
+        if clusters is not None:
+            color_tokens.attach_clusters(model, clusters)
+        return model
 
     def logits(self, model: nn.Module, pixel_values: Tensor) -> Tensor:
         if _takes_patches(model):
             out = model(**_patch_inputs(model, pixel_values))
+        elif color_tokens.reads_color_tokens(model):
+            clusters = color_tokens.clusters_of(model)
+            if clusters is None:
+                raise color_tokens.missing_clusters_error(model)
+            out = model(input_ids=color_tokens.color_tokens(pixel_values, clusters))
         else:
             out = model(pixel_values=pixel_values)
         logits = getattr(out, "logits", None)
@@ -193,11 +225,18 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
             "interpolation": "bilinear",
         }
         size = instance_image_size(model) or (224, 224)
-        processor = _load_processor(source, hub) if source is not None else None
+        if isinstance(source, str):
+            processor = _load_processor(source, hub)
+        else:
+            processor = source  # an instance's image processor, or None
+        tokens = color_tokens.reads_color_tokens(model)
+        if processor is None and tokens:
+            processor = color_tokens.default_processor()  # its [-1, 1] normalisation
         if processor is not None:
             read = processor_data_config(processor)
             given = read.get("input_size")
-            if given is not None and tuple(given[-2:]) != size and not _accepts(model, given):
+            resized = given is not None and tuple(given[-2:]) != size
+            if resized and (tokens or not _accepts(model, given)):
                 # a model built at another size than its checkpoint's preprocessing (a config
                 # override such as image_size=64): the instance decides the size
                 read.pop("input_size")
@@ -218,9 +257,14 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
 
     def export(self, model: nn.Module, folder: Path, config: CGCConfig) -> None:
         model.save_pretrained(str(folder))
-        processor_for(config.data_config or self.data_config(model, None)).save_pretrained(
-            str(folder)
-        )
+        data_config = config.data_config or self.data_config(model, None)
+        clusters = color_tokens.clusters_of(model)
+        if clusters is not None:  # ImageGPT's processor maps pixels to its clusters' ids
+            size = tuple(int(v) for v in data_config["input_size"][-2:])
+            processor = color_tokens.processor_with_clusters(clusters, size)
+        else:
+            processor = processor_for(data_config)
+        processor.save_pretrained(str(folder))
 
     def rebuild_hint(self, model: nn.Module, config: CGCConfig) -> str:
         return (
@@ -248,7 +292,10 @@ def _heads(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def instance_image_size(model: nn.Module) -> tuple[int, int] | None:
-    """``config.image_size``, or a vision tower's ``config.vision_config.image_size``."""
+    """``config.image_size``, or a vision tower's ``config.vision_config.image_size``
+    (ImageGPT: the square its positions hold, one per pixel)."""
+    if color_tokens.reads_color_tokens(model):
+        return pair(color_tokens.token_side(model))
     config = model.config
     for owner in (config, getattr(config, "vision_config", None)):
         size = getattr(owner, "image_size", None)
