@@ -51,7 +51,14 @@ from torch import Tensor, nn
 from cgc_hf import CGCModel
 from cgc_hf._io import read_json, write_json
 from cgc_hf.targets import capture, to_nchw
-from cgc_hf.testing import HF_ENCODER, HF_STAGES, HF_SWIN, HF_VIT, first_weight_layer
+from cgc_hf.testing import (
+    HF_ENCODER,
+    HF_PERCEIVER,
+    HF_STAGES,
+    HF_SWIN,
+    HF_VIT,
+    first_weight_layer,
+)
 
 NUM_LABELS = 3
 SMALL_SIZES = (64, 96, 128, 160)
@@ -134,19 +141,7 @@ HF_TINY: dict[str, tuple[int, dict[str, Any]]] = {
         ),
     ),
     "mobilevitv2": (64, dict(image_size=64, width_multiplier=0.25)),
-    "perceiver": (
-        32,
-        dict(
-            image_size=32,
-            num_latents=16,
-            d_latents=32,
-            d_model=32,
-            num_blocks=1,
-            num_self_attends_per_block=1,
-            num_self_attention_heads=2,
-            num_cross_attention_heads=1,
-        ),
-    ),
+    "perceiver": (32, dict(HF_PERCEIVER)),
     "poolformer": (64, dict(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])),
     "pp_lcnet": (64, dict(scale=0.25)),
     "pvt": (

@@ -343,10 +343,13 @@ def _spatial_candidates(
     """
     spatial: list[tuple[_Record, TargetLayer, int]] = []
     seen: set[str] = set()
+    queries = _learned_query_counts(records)
     for rec in reversed(records):
         if rec.name in seen:  # a module called twice: keep its last call
             continue
         seen.add(rec.name)
+        if _of_learned_queries(rec.tensor, queries) and rec.name != keep:
+            continue
         target = _describe(rec, image_size, layout_hint, prefix_hint)
         if target is not None:
             c = rec.tensor.shape[1] if target.layout == "NCHW" else rec.tensor.shape[-1]
@@ -356,6 +359,38 @@ def _spatial_candidates(
     if not anchors:
         return []
     return [(rec, t) for rec, t, c in spatial if c == anchors[0] or rec.name == keep]
+
+
+def _learned_query_counts(records: list[_Record]) -> set[int]:
+    """Token counts of sequences that start as learned queries, not as image positions.
+
+    Perceiver's latents enter as one parameter broadcast over the batch (``expand``: stride 0
+    along it), and keep their count ``L`` through every block after that. ``L`` may happen to
+    form a grid (16 latents: 4 x 4, their self-attention a 16 x 16 "map"), but its tokens are
+    not the image's positions, so no such sequence is a target. Image positions first appear
+    in a map or sequence computed from the image (a stem, a patch embedding); a position
+    embedding broadcast over the batch after it does not make that count a learned one.
+    """
+    broadcast: dict[int, bool] = {}  # positions -> whether they first appeared broadcast
+    for rec in records:
+        t = rec.tensor
+        if t.ndim == 3:
+            counts = {t.shape[1]}
+        elif t.ndim == 4:
+            counts = {t.shape[2] * t.shape[3], t.shape[1] * t.shape[2]}
+        else:
+            continue
+        first = counts - broadcast.keys()
+        if first:
+            broadcast.update(dict.fromkeys(first, t.shape[0] > 1 and t.stride(0) == 0))
+    return {n for n, b in broadcast.items() if b}
+
+
+def _of_learned_queries(t: Tensor, queries: set[int]) -> bool:
+    """A sequence of learned queries ``(B, L, C)``, or their attention ``(B, heads, L, L)``."""
+    if t.ndim == 3:
+        return t.shape[1] in queries
+    return t.ndim == 4 and t.shape[2] in queries and t.shape[3] in queries
 
 
 def _describe(

@@ -29,6 +29,17 @@ HF_SWIN = dict(
 """transformers Swin fields: patch 4, then one patch merging (stride 8 at the end)."""
 HF_STAGES = dict(hidden_sizes=[16, 32], depths=[1, 1])
 """transformers CNN fields (ResNet, ConvNeXt, RegNet): two stages of one block."""
+HF_PERCEIVER = dict(
+    image_size=32,
+    num_latents=16,
+    d_latents=32,
+    d_model=32,
+    num_blocks=1,
+    num_self_attends_per_block=1,
+    num_self_attention_heads=2,
+    num_cross_attention_heads=1,
+)
+"""transformers Perceiver fields: 16 latents of width 32 read a 32 px image, one block."""
 
 
 def first_weight_layer(model: nn.Module, run: Callable[[], object]) -> nn.Module:

@@ -30,7 +30,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
 from cgc_hf import CGCModel
-from cgc_hf.testing import HF_ENCODER, first_weight_layer
+from cgc_hf.testing import HF_ENCODER, HF_PERCEIVER, first_weight_layer
 
 EPS = 1e-7  # pytorch_grad_cam's min-max normalisation: (x - min) / (max - min + 1e-7)
 
@@ -395,3 +395,14 @@ def test_an_image_processor_given_sets_the_preprocessing():
     backbone = timm.create_model("resnet18", num_classes=NUM_LABELS, pretrained=False)
     with pytest.raises(ValueError, match="image_processor is for transformers models"):
         CGCModel.from_backbone(backbone, image_processor=processor)
+
+
+def test_learned_latents_are_not_an_image_grid():
+    # Perceiver: 16 learned latents (which would make a 4 x 4 "grid") read the image's tokens
+    from transformers import PerceiverConfig, PerceiverForImageClassificationLearned
+
+    torch.manual_seed(0)
+    config = PerceiverConfig(num_labels=NUM_LABELS, **HF_PERCEIVER)
+    model = CGCModel.from_backbone(PerceiverForImageClassificationLearned(config))
+    assert model.target.name == "perceiver.encoder.cross_attention.attention.self.layernorm2"
+    _trains_and_explains(model, (32, 32))  # one token per pixel, as the latents read them

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -31,8 +32,11 @@ CLUSTERS_KEY = "color_clusters"
 
 
 def reads_color_tokens(model: nn.Module) -> bool:
-    """Whether ``model`` is an image classifier that reads token ids instead of pixels."""
-    return getattr(model, "main_input_name", None) == "input_ids"
+    """Whether ``model`` is an image classifier that reads token ids and no pixels (ImageGPT; a
+    vision-language model such as ShieldGemma 2 reads both)."""
+    if getattr(model, "main_input_name", None) != "input_ids":
+        return False
+    return "pixel_values" not in inspect.signature(model.forward).parameters
 
 
 def token_side(model: nn.Module) -> int:
