@@ -19,7 +19,7 @@ from .config import IGNORE_INDEX, CGCConfig
 from .errors import CGCValueError, first_line
 from .hub import CGCHubMixin
 from .loss import CGCLoss
-from .readout import ClassTokenReadout
+from .readout import Readout, readout_for
 from .targets import Capture, TargetLayer, capture, get_module, resolve_target, to_nchw
 from .weights import load_weights
 
@@ -183,15 +183,13 @@ class CGCModel(CGCHubMixin, nn.Module):
         self._readout = self._class_token_readout()
         return self.target
 
-    def _class_token_readout(self) -> ClassTokenReadout | None:
-        if ClassTokenReadout.supports(self.backbone, self.target.name):
-            return ClassTokenReadout(self.backbone)
-        return None
+    def _class_token_readout(self) -> Readout | None:
+        return readout_for(self.backbone, self.target.name)
 
     @contextmanager
     def _capture(self, make_leaf: bool = False) -> Iterator[tuple[Capture, Capture | None]]:
         """Record the target layer's output and, for a class-token ViT, the class token that
-        enters its last block (what :class:`ClassTokenReadout` needs)."""
+        enters its last block (what :mod:`cgc_hf.readout` needs)."""
         with capture(self.backbone, self.target.name, make_leaf=make_leaf) as cap:
             if self._readout is None:
                 yield cap, None
