@@ -82,3 +82,13 @@ def test_channels_last_run_resumes_to_the_uninterrupted_run(tmp_path):
     resumed = _train(tmp_path / "run", channels_last=True, resume="latest")[0].state_dict()
     differ = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not differ, differ[:5]
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_resuming_in_the_other_format_is_refused(tmp_path):
+    with pytest.raises(Stop):
+        _train(tmp_path, channels_last=False, stop_at=2)
+    reset_accelerate()
+    with pytest.raises(Exception, match="channels_last") as err:
+        _train(tmp_path, channels_last=True, resume="latest")
+    assert "allow_config_change" in str(err.value)
