@@ -363,7 +363,11 @@ def test_imagegpt_reads_the_colour_ids_its_processor_makes(tmp_path):
     assert stem is backbone.transformer.wte
     _trains_and_explains(model, (8, 8))
 
-    # the clusters travel with the saved description and with the exported folder
+    # the clusters travel with the saved description and with the exported folder, not with
+    # the weights, and a cast of the weights leaves them exact
+    assert not any("cluster" in key for key in model.state_dict())
+    model.half().float()
+    assert torch.equal(model.backbone.color_clusters, processor.clusters)
     rebuilt = CGCModel(model.config.to_dict())
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.eval()

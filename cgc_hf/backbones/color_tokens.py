@@ -3,8 +3,8 @@
 ImageGPT reads one token per pixel: the index of the nearest of its colour clusters, which its
 image processor (``ImageGPTImageProcessor``) holds, not the model. cgc_hf feeds every backbone
 ``(B, 3, H, W)`` pixels normalised like that processor (to ``[-1, 1]``), so the adapter keeps the
-clusters with the model (a non-persistent buffer, recorded in the saved backbone description)
-and maps pixels to ids in ``logits``. The ids are not differentiable in the pixels; CGC needs no
+clusters with the model (an attribute, recorded in the saved backbone description) and maps
+pixels to ids in ``logits``. The ids are not differentiable in the pixels; CGC needs no
 pixel gradient: its heatmap lives on the token grid of a transformer layer (one token per pixel,
 row-major), and its gradient reaches the weights from the token embedding on.
 
@@ -53,8 +53,9 @@ def clusters_of(model: nn.Module) -> Tensor | None:
 def attach_clusters(model: nn.Module, clusters: Any) -> None:
     """Keep ``clusters`` (``(K, 3)``, in ``[-1, 1]``) with ``model`` for :func:`color_tokens`.
 
-    A non-persistent buffer: it moves with ``model.to(device)`` but stays out of the state
-    dict, so the weights (and ``save_pretrained``'s files) are the model's own.
+    A plain float32 attribute, not a buffer: it stays out of the state dict, so the weights
+    (and ``save_pretrained``'s files) are the model's own, and ``model.half()`` cannot round
+    it (which would change the ids); :func:`color_tokens` moves it to the pixels' device.
 
     Raises:
         CGCValueError: ``clusters`` is not ``(K, 3)`` with fewer than ``vocab_size`` rows.
@@ -67,9 +68,7 @@ def attach_clusters(model: nn.Module, clusters: Any) -> None:
             f"vocab_size ({vocab}); got shape {tuple(t.shape)}. Pass the ImageGPTImageProcessor "
             "saved with the model."
         )
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    model.register_buffer(CLUSTERS_KEY, t.to(device), persistent=False)
+    setattr(model, CLUSTERS_KEY, t)
 
 
 def clusters_from_processor(processor: Any) -> Tensor | None:
