@@ -10,8 +10,8 @@ writes to ``metrics.json`` and the model card, for the same model, data and seed
 
 Examples:
     # A CGC run against its --no_cgc baseline, on the test split of the offline default data.
-    python recipes/evaluate.py --model cgc-output/model --compare cgc-baseline/model \
-        --names CGC baseline --eval_split test
+    python recipes/evaluate.py --model cgc-baseline/model --compare cgc-output/model \
+        --names baseline CGC --eval_split test
     # A CGC model against an off-the-shelf classifier of the same classes, on every GPU.
     accelerate launch recipes/evaluate.py --model me/resnet50-cub-cgc \
         --compare someone/resnet50-cub --dataset cub --eval_split test --insertion_steps 16
