@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def make_accelerator(args: Any, output_dir: Path) -> Any:
@@ -13,12 +17,15 @@ def make_accelerator(args: Any, output_dir: Path) -> Any:
 
     ``mixed_precision=None`` (the default) is left to Accelerate, so ``accelerate config``,
     ``accelerate launch --mixed_precision bf16`` and ``ACCELERATE_MIXED_PRECISION`` decide, as
-    they do for a plain ``Accelerator()``.
+    they do for a plain ``Accelerator()``. FSDP likewise comes from Accelerate:
+    ``accelerate launch --use_fsdp --fsdp_version 2`` or an ``accelerate config`` file sets
+    ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` options, and the trainer shards the model as
+    :mod:`.fsdp` describes.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedType, ProjectConfiguration
 
-    return Accelerator(
+    acc = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.trackers,
@@ -30,6 +37,15 @@ def make_accelerator(args: Any, output_dir: Path) -> Any:
         # CPU; saying so makes a plain `torchrun` on a CPU machine work too.
         cpu=not _has_accelerator(),
     )
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    if asked and acc.distributed_type != DistributedType.FSDP and acc.is_main_process:
+        # Accelerate turns ACCELERATE_USE_FSDP into FSDP on GPUs and other accelerators only.
+        logger.warning(
+            "FSDP was asked for (ACCELERATE_USE_FSDP), but Accelerate runs FSDP only on an "
+            "accelerator; this run uses %s, and every process holds the whole model.",
+            acc.distributed_type.value,
+        )
+    return acc
 
 
 def _has_accelerator() -> bool:

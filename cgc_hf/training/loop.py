@@ -34,6 +34,7 @@ from .accelerator import make_accelerator
 from .best import BestModel
 from .checkpoints import CheckpointManager, TrainerState
 from .figures import write_figure
+from .fsdp import full_model, shard_model
 from .guards import (
     NonFiniteWindow,
     all_finite,
@@ -110,6 +111,7 @@ class CGCTrainer:
         self.accelerator = acc = make_accelerator(args, self.output_dir)
         check_compile(model, acc)  # before the first step, not after a minute of compiling
         check_negatives(model, args, unlabeled_dataset is not None, acc.num_processes)
+        shard_model(model, args, acc)  # FSDP2: refuses what cannot run, shards the rest
         if acc.num_processes > 1:
             # Negatives from every process: the loss then matches one process on the full batch.
             model.set_negative_gather(all_gather_rows)
@@ -374,9 +376,9 @@ class CGCTrainer:
             "nonfinite_steps": state.nonfinite_total,
             **metrics,
         }
-        acc.wait_for_everyone()
+        model = full_model(self.model, acc)  # every process: waits for all, FSDP gathers
         if acc.is_main_process:
-            self.save_model(final)
+            self.save_model(final, model)
             # Written last: a metrics.json with "final" marks the run as finished.
             self.run_folder.write_metrics(state.evaluations, final)
         acc.log({f"final/{k}": v for k, v in final.items()}, step=state.global_step)
@@ -384,16 +386,15 @@ class CGCTrainer:
         logger.info("final: %s", format_metrics(final))
         return final
 
-    def save_model(self, metrics: dict[str, Any] | None = None) -> Path:
+    def save_model(self, metrics: dict[str, Any] | None = None, model: Any = None) -> Path:
         """Save the trained model to ``output_dir/model`` (loads with ``from_pretrained``)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = model or full_model(self.model, self.accelerator, wait=False)  # FSDP: every process
         figure, latest = getattr(self, "last_figure", None), self.checkpoints.latest()
         out = self.output_dir / "model"
         return save_final_model(model, out, metrics or {}, self.run_info, figure, latest)
 
     def _resolved(self) -> dict[str, Any]:
-        model = self.accelerator.unwrap_model(self.model)
-        n = self.accelerator.num_processes
+        model, n = self.accelerator.unwrap_model(self.model), self.accelerator.num_processes
         return resolved_config(
             self.args, model, n, self.max_steps, self.steps_per_epoch, self.images, self.run_info
         )

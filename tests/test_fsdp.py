@@ -1,0 +1,371 @@
+"""FSDP2 (Accelerate's FSDP plugin) with two CPU processes (gloo): the CGC step, checkpoints, the
+saved model, and the refusals.
+
+Accelerate 1.15 turns ``ACCELERATE_USE_FSDP`` into FSDP only on an accelerator (``state.py``
+sets ``DistributedType.FSDP`` for ``MULTI_GPU`` and its kin, never for ``MULTI_CPU``), so the
+multi-process tests lift that gate after the trainer's Accelerator is built (:func:`_on_cpu`):
+from there on every call (``prepare``, ``save_state``, ``load_state``, ``get_state_dict``,
+``clip_grad_norm_``) is Accelerate's own FSDP2 code, on gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import NoiseImages, Stop, reset_accelerate, stop_after, tiny_args
+
+from cgc_hf import CGCModel, CropFlip, sample_crop_flip
+from cgc_hf.distributed import all_gather_rows
+from cgc_hf.errors import CGCValueError
+from cgc_hf.training import fsdp
+
+WORLD = 2
+BATCH = 8  # full batch of the step comparison; each process holds BATCH // WORLD rows
+STEPS = 4
+FSDP_ENV = dict(
+    ACCELERATE_USE_FSDP="true",
+    FSDP_VERSION="2",
+    FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+    FSDP_TRANSFORMER_CLS_TO_WRAP="Block",  # every ViT block would be its own unit
+    FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT",
+)
+
+
+def _vit() -> CGCModel:
+    torch.manual_seed(0)  # same weights in every process and in the reference
+    # LayerNorm only: the per-process forward equals the full-batch forward.
+    return CGCModel.from_backbone(
+        "test_vit",
+        num_labels=3,
+        pretrained=False,
+        model_kwargs={"img_size": 32, "patch_size": 8},
+        temperature=0.5,
+    )
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor, CropFlip]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(BATCH, 3, 32, 32, generator=g)  # (N, 3, 32, 32)
+    y = torch.randint(0, 3, (BATCH,), generator=g)  # (N,)
+    return x, y, sample_crop_flip(BATCH, generator=g)
+
+
+def _lift_gate(acc, **plugin) -> None:
+    """Make ``acc`` an FSDP accelerator on the CPU, as Accelerate does on a GPU (``state.py``);
+    ``plugin`` options override the ``FSDP_*`` environment."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin)
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _on_cpu(make_accelerator):
+    """``make_accelerator``, with Accelerate's accelerator-only FSDP gate lifted (see above)."""
+
+    def make(args, output_dir):
+        acc = make_accelerator(args, output_dir)
+        if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+            _lift_gate(acc)
+        return acc
+
+    return make
+
+
+def _train(out: Path, port: int, use_fsdp: bool, stop_at: int | None = None, **options) -> dict:
+    """One tiny trainer run under Accelerate (FSDP or DDP): its metrics, and the weights the
+    processes hold after the last step (gathered from the shards under FSDP)."""
+    from cgc_hf import CGCTrainer
+
+    reset_accelerate()
+    os.environ.update(MASTER_PORT=str(port), ACCELERATE_USE_FSDP=str(use_fsdp).lower())
+    model = _vit()
+    args = tiny_args(
+        out, per_device_train_batch_size=2, max_train_steps=STEPS, learning_rate=1e-3, **options
+    )
+    trainer = CGCTrainer(model, args, NoiseImages(8), NoiseImages(4, 1), NoiseImages(6, 2))
+    live = {}
+
+    def record() -> None:  # every process, after the last step
+        if trainer.state.global_step == STEPS:
+            for name, p in trainer.model.named_parameters():
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                live[name] = full.detach().clone()
+
+    trainer._step_end = record
+    stop_after(trainer, stop_at)
+    try:
+        metrics = trainer.train()
+    except Stop:
+        trainer.accelerator.end_training()
+        return {}
+    return {"metrics": metrics, "weights": live}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import cgc_hf.training.loop as loop
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        ACCELERATE_USE_CPU="true",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        **FSDP_ENV,
+    )
+    loop.make_accelerator = _on_cpu(loop.make_accelerator)
+    root, result = Path(out), {}
+    # (a) one CGC step of a sharded model on half the batch each, fixed geometry.
+    result["step"] = _step(rank, port)
+    result["resnet"] = _closed_form_step(rank, port + 9)
+    # (b) the trainer: FSDP against DDP, and FSDP stopped after step 2 and resumed.
+    checkpoints = dict(checkpointing_steps=2)
+    result["fsdp"] = _train(root / "fsdp", port + 1, True, **checkpoints)
+    result["ddp"] = _train(root / "ddp", port + 2, False)
+    for i, kind in enumerate(("SHARDED_STATE_DICT", "FULL_STATE_DICT")):
+        os.environ["FSDP_STATE_DICT_TYPE"] = kind
+        folder, again = root / kind, dict(resume_from_checkpoint="latest", **checkpoints)
+        _train(folder, port + 3 + 2 * i, True, stop_at=2, **checkpoints)
+        result[kind] = _train(folder, port + 4 + 2 * i, True, **again)
+    if rank == 0:
+        torch.save(result, root / "result.pt")
+
+
+def _step(rank: int, port: int) -> dict:
+    from accelerate import Accelerator
+
+    reset_accelerate()
+    os.environ["MASTER_PORT"] = str(port)
+    acc = Accelerator(cpu=True)
+    _lift_gate(acc)
+    model = _vit()
+    model.set_negative_gather(all_gather_rows)
+    model.train()
+    fsdp.shard_model(model, tiny_args("unused"), acc)
+    units = sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
+    x, y, geometry = _inputs()
+    b = BATCH // WORLD
+    sl = slice(rank * b, (rank + 1) * b)
+    out = model(x[sl], labels=y[sl], geometry=CropFlip(geometry.boxes[sl], geometry.flip[sl]))
+    out["loss"].backward()
+    losses = acc.gather(out["loss"].detach().reshape(1))  # (WORLD,)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    acc.end_training()
+    return {"losses": losses, "grads": grads, "units": units}
+
+
+def _closed_form_step(rank: int, port: int) -> dict:
+    """A ResNet (closed-form heatmap, BatchNorm) step: FSDP and DDP on the same local rows."""
+    import copy
+
+    from accelerate import Accelerator
+    from conftest import tiny_timm
+    from torch.nn.parallel import DistributedDataParallel
+
+    reset_accelerate()
+    os.environ["MASTER_PORT"] = str(port)
+    acc = Accelerator(cpu=True)
+    _lift_gate(
+        acc, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["BasicBlock"]
+    )
+    model = tiny_timm("resnet", temperature=0.5)
+    model.set_negative_gather(all_gather_rows)
+    model.train()
+    reference = DistributedDataParallel(copy.deepcopy(model))
+    fsdp.shard_model(model, tiny_args("unused"), acc)
+    units = sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(4, 3, 64, 64, generator=g)  # (b, 3, 64, 64): this process's rows
+    y = torch.randint(0, 3, (4,), generator=g)
+    geometry = sample_crop_flip(4, generator=g)
+    out = model(x, labels=y, geometry=geometry)
+    out["loss"].backward()
+    want = reference(x, labels=y, geometry=geometry)
+    want["loss"].backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    ddp = {n.removeprefix("module."): p.grad for n, p in reference.named_parameters()}
+    acc.end_training()
+    return {
+        "closed_form": model.target.linear_head is not None,
+        "units": units,
+        "loss": (out["loss"].detach(), want["loss"].detach()),
+        "grads": grads,
+        "ddp_grads": {n: ddp[n] for n in grads},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("fsdp")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return torch.load(out / "result.pt", weights_only=True), out
+
+
+@pytest.mark.slow
+def test_fsdp_step_equals_one_process_on_the_full_batch(run):
+    step = run[0]["step"]
+    # The plugin asked for every Block; the last one (the heatmap's) stays in the root unit.
+    assert step["units"] == ["", *(f"backbone.blocks.{i}" for i in range(5))]
+    model = _vit()
+    model.train()
+    x, y, geometry = _inputs()
+    out = model(x, labels=y, geometry=geometry)
+    out["loss"].backward()
+    torch.testing.assert_close(step["losses"].mean(), out["loss"].detach())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == step["grads"].keys()
+    for name, g in grads.items():  # FSDP reduce-scatters the mean over processes
+        torch.testing.assert_close(step["grads"][name], g, atol=1e-6, rtol=1e-4)
+    assert out["loss_cgc"] > 0 and grads["backbone.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_fsdp_closed_form_step_equals_ddp(run):
+    step = run[0]["resnet"]
+    assert step["closed_form"]  # the heatmap is features x head weights, no autograd.grad
+    # Every BasicBlock is its own unit except layer4's, which holds the explained features.
+    assert step["units"] == ["", "backbone.layer1.0", "backbone.layer2.0", "backbone.layer3.0"]
+    torch.testing.assert_close(*step["loss"])
+    assert step["grads"].keys() == step["ddp_grads"].keys() and len(step["grads"]) > 10
+    for name, g in step["grads"].items():
+        torch.testing.assert_close(g, step["ddp_grads"][name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_trainer_matches_ddp(run):
+    result = run[0]
+    fsdp_w = result["fsdp"]["weights"]
+    ddp_w = {k.removeprefix("module."): w for k, w in result["ddp"]["weights"].items()}
+    assert fsdp_w.keys() == ddp_w.keys()
+    start = _vit().state_dict()
+    moved, worst = 0.0, 0.0
+    for name, w in ddp_w.items():
+        update, fsdp_update = w - start[name], fsdp_w[name] - start[name]
+        moved = max(moved, update.abs().max().item())
+        worst = max(worst, (fsdp_update - update).abs().max().item())
+        # Adam divides each update by the gradient's own scale, so where a gradient is near
+        # zero the float rounding of the two reductions (reduce-scatter vs all-reduce) moves
+        # a weight by up to ~2e-6; the updates themselves are ~1e-3 (learning rate 1e-3).
+        torch.testing.assert_close(fsdp_update, update, atol=1e-5, rtol=1e-3)
+    assert moved > 1e-3, moved  # the runs trained: the comparison is not of the initial weights
+    print(f"FSDP vs DDP after {STEPS} steps: largest update {moved:.2e}, largest gap {worst:.2e}")
+    m_fsdp, m_ddp = result["fsdp"]["metrics"], result["ddp"]["metrics"]
+    assert m_fsdp["train_loss"] == pytest.approx(m_ddp["train_loss"], rel=1e-5)
+    assert m_fsdp["eval_samples"] == m_ddp["eval_samples"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, written", [("SHARDED_STATE_DICT", ".distcp"), ("FULL_STATE_DICT", ".bin")]
+)
+def test_fsdp_resume_equals_the_uninterrupted_run(run, kind, written):
+    result, out = run
+    checkpoint = out / kind / "checkpoints" / "step_2"
+    assert (checkpoint / "COMPLETE").exists()
+    assert any(p.suffix == written for p in checkpoint.rglob("*")), sorted(checkpoint.rglob("*"))
+    whole, resumed = result["fsdp"]["weights"], result[kind]["weights"]
+    assert whole.keys() == resumed.keys()
+    for name, w in whole.items():
+        torch.testing.assert_close(resumed[name], w, rtol=0, atol=0)
+    assert result[kind]["metrics"]["train_loss"] == result["fsdp"]["metrics"]["train_loss"]
+
+
+@pytest.mark.slow
+def test_fsdp_saved_model_is_a_plain_model(run):
+    result, out = run
+    loaded = CGCModel.from_pretrained(out / "fsdp" / "model")
+    assert type(loaded) is CGCModel
+    state = loaded.state_dict()
+    for name, w in result["fsdp"]["weights"].items():
+        assert not hasattr(state[name], "placements")  # a plain tensor, not a DTensor
+        torch.testing.assert_close(state[name], w, rtol=0, atol=0)
+    loaded.eval()
+    assert loaded(torch.randn(2, 3, 32, 32))["logits"].shape == (2, 3)
+
+
+def test_heatmap_path_keeps_the_last_block_and_head():
+    model = _vit()
+    path = fsdp.heatmap_path(model)
+    assert {
+        "backbone.blocks.5",
+        "backbone.blocks.5.norm1",
+        "backbone.norm",
+        "backbone.head",
+    } <= path
+    assert not {"backbone.blocks.4", "backbone.blocks.0.attn", "backbone.patch_embed"} & path
+
+
+class _FakeAccelerator:
+    def __init__(self, **plugin):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.FSDP
+        self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), plugin)()})()
+
+
+@pytest.mark.parametrize(
+    "plugin, options, named",
+    [
+        ({"fsdp_version": 1, "activation_checkpointing": False}, {}, "fsdp_version=1"),
+        (
+            {"fsdp_version": 2, "activation_checkpointing": True},
+            {},
+            "fsdp_activation_checkpointing=true",
+        ),
+        ({"fsdp_version": 2, "activation_checkpointing": False}, {"figure_images": 2}, "figure"),
+        (
+            {"fsdp_version": 2, "activation_checkpointing": False},
+            {"eval_explanation_images": 8},
+            "eval_explanation_images=8",
+        ),
+        (
+            {"fsdp_version": 2, "activation_checkpointing": False},
+            {"load_best_model_at_end": True, "metric_for_best_model": "accuracy"},
+            "load_best_model_at_end",
+        ),
+    ],
+)
+def test_fsdp_refuses_what_it_cannot_run(tmp_path, plugin, options, named):
+    acc = _FakeAccelerator(**plugin)
+    with pytest.raises(CGCValueError) as err:
+        fsdp.check_fsdp(_vit(), tiny_args(tmp_path, **options), acc)
+    message = str(err.value)
+    assert named in message and "\n" not in message
+    assert "fsdp_version 2" in message or "--" in message or "leave it unset" in message
+
+
+def test_without_fsdp_nothing_is_sharded(tmp_path):
+    from accelerate.utils import DistributedType
+
+    acc = type("Acc", (), {"distributed_type": DistributedType.NO})()
+    model = _vit()
+    fsdp.shard_model(model, tiny_args(tmp_path, figure_images=4), acc)
+    assert type(model) is CGCModel
+
+
+def test_fsdp_asked_for_on_cpu_says_it_trains_unsharded(
+    tmp_path, monkeypatch, caplog, fresh_accelerate
+):
+    from conftest import tiny_trainer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with caplog.at_level("WARNING", logger="cgc_hf.training.accelerator"):
+        trainer = tiny_trainer(tmp_path, max_train_steps=1, checkpointing_steps=None)
+    (line,) = [r.getMessage() for r in caplog.records if "FSDP" in r.getMessage()]
+    assert "only on an accelerator" in line and "whole model" in line
+    assert type(trainer.accelerator.unwrap_model(trainer.model)) is CGCModel  # not sharded
