@@ -29,12 +29,11 @@ from ..distributed import all_gather_rows
 from ..errors import CGCValueError, CheckpointError
 from ..evaluation import evaluate
 from ..modeling import CGCModel
-from . import loaders
+from . import fsdp, loaders
 from .accelerator import make_accelerator
 from .best import BestModel
 from .checkpoints import CheckpointManager, TrainerState
 from .figures import write_figure
-from .fsdp import full_model, shard_model
 from .guards import (
     NonFiniteWindow,
     all_finite,
@@ -111,7 +110,7 @@ class CGCTrainer:
         self.accelerator = acc = make_accelerator(args, self.output_dir)
         check_compile(model, acc)  # before the first step, not after a minute of compiling
         check_negatives(model, args, unlabeled_dataset is not None, acc.num_processes)
-        shard_model(model, args, acc)  # FSDP2: refuses what cannot run, shards the rest
+        fsdp.shard_model(model, args, acc)  # FSDP2: refuses what cannot run, shards the rest
         if acc.num_processes > 1:
             # Negatives from every process: the loss then matches one process on the full batch.
             model.set_negative_gather(all_gather_rows)
@@ -376,7 +375,7 @@ class CGCTrainer:
             "nonfinite_steps": state.nonfinite_total,
             **metrics,
         }
-        model = full_model(self.model, acc)  # every process: waits for all, FSDP gathers
+        model = fsdp.full_model(self.model, acc)  # every process: waits for all, FSDP gathers
         if acc.is_main_process:
             self.save_model(final, model)
             # Written last: a metrics.json with "final" marks the run as finished.
@@ -388,7 +387,7 @@ class CGCTrainer:
 
     def save_model(self, metrics: dict[str, Any] | None = None, model: Any = None) -> Path:
         """Save the trained model to ``output_dir/model`` (loads with ``from_pretrained``)."""
-        model = model or full_model(self.model, self.accelerator, wait=False)  # FSDP: every process
+        model = model or fsdp.full_model(self.model, self.accelerator, wait=False)  # FSDP: all call
         figure, latest = getattr(self, "last_figure", None), self.checkpoints.latest()
         out = self.output_dir / "model"
         return save_final_model(model, out, metrics or {}, self.run_info, figure, latest)
