@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from cgc_hf import CGCModel  # noqa: E402
-from cgc_hf.testing import HF_STAGES, HF_SWIN, HF_VIT  # noqa: E402
+from cgc_hf.testing import HF_PERCEIVER, HF_STAGES, HF_SWIN, HF_VIT  # noqa: E402
 
 NUM_LABELS = 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,14 @@ HF_TINY: dict[str, TinySpec] = {
     ),
     "mobilenet_v2": TinySpec("mobilenet_v2", dict(image_size=64, depth_multiplier=0.25)),
     "regnet": TinySpec("regnet", dict(HF_STAGES, embedding_size=16, groups_width=8), 64, 8),
+    # 16 learned latents read one token per pixel: the explained tokens are the image's
+    "perceiver": TinySpec(
+        "perceiver",
+        dict(HF_PERCEIVER, architectures=["PerceiverForImageClassificationLearned"]),
+        32,
+        1,
+        "NLC",
+    ),
     "timm_wrapper": TinySpec(
         "timm_wrapper", dict(architecture="resnet18", model_args=dict(_RESNET))
     ),

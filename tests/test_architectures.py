@@ -387,6 +387,43 @@ def test_imagegpt_reads_the_colour_ids_its_processor_makes(tmp_path):
             assert torch.allclose(loaded(pixels)["logits"], model(pixels)["logits"], atol=1e-6)
 
 
+def test_imagegpt_explain_matches_pytorch_grad_cam():
+    from transformers.models.imagegpt.image_processing_imagegpt import color_quantize_torch
+
+    backbone, processor = _imagegpt()
+    model = CGCModel.from_backbone(backbone, image_processor=processor, cam_method="gradcam")
+    model.eval()
+
+    class FromPixels(nn.Module):  # the processor's own quantisation, then the classifier
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = backbone
+
+        def forward(self, x: Tensor) -> Tensor:
+            ids = color_quantize_torch(x.permute(0, 2, 3, 1).reshape(-1, 3), processor.clusters)
+            return self.model(input_ids=ids.reshape(x.shape[0], -1)).logits
+
+    x = torch.rand(2, 3, 8, 8, generator=_gen()) * 2 - 1
+    layer = backbone.get_submodule(model.target.name)
+    informative = 0
+    with GradCAM(
+        FromPixels(),
+        [layer],
+        reshape_transform=lambda t: t.reshape(2, 8, 8, -1).permute(0, 3, 1, 2),
+    ) as cam:
+        for c in range(NUM_LABELS):
+            targets = [ClassifierOutputTarget(c) for _ in range(2)]
+            cam(input_tensor=x, targets=targets)
+            acts = cam.activations_and_grads.activations[0].numpy()
+            grads = cam.activations_and_grads.gradients[0].numpy()
+            grid = cam.get_cam_image(x, layer, targets, acts, grads, False)
+            ref = torch.from_numpy(scale_cam_image(np.maximum(grid, 0)))  # (2, 8, 8)
+            ours = _min_max(model.explain(x, torch.full((2,), c)))
+            torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+            informative += int(((ref.amax((1, 2)) - ref.amin((1, 2))) > 0.5).sum())
+    assert informative > 0
+
+
 def test_an_image_processor_given_sets_the_preprocessing():
     from transformers import ViTImageProcessor
 
