@@ -10,7 +10,8 @@ Cases, each at random init (nothing is downloaded):
   builds and runs), then wrapped as an instance. Families whose models take no ``img_size``
   (most CNNs run at any size anyway) have no such case.
 - **transformers**: every model type of ``MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES``, from
-  a tiny config (:data:`HF_TINY`), wrapped as an instance.
+  a tiny config (:data:`HF_TINY`), wrapped as an instance (ImageGPT with an image processor
+  of random colour clusters, as its own processor would bring).
 
 A case passes when the target layer resolves automatically, one CGC training step (batch of 4)
 gives a finite loss whose CGC term alone sends non-zero gradient into the first layer of the
