@@ -11,7 +11,8 @@ one process (median of several steps after warm-up):
   heatmaps by autograd upsampled to input size, warped per sample in a Python loop, and InfoNCE
   at input resolution;
 * ``cgc_whole`` (on request): ``cgc`` with a class-token ViT differentiated whole instead of
-  through :class:`cgc_hf.readout.ClassTokenReadout`, to show what the readout saves.
+  through its readout slice (:mod:`cgc_hf.readout`: timm's ``ClassTokenReadout``,
+  transformers' ``ViTLayerReadout``), to show what the readout saves.
 
 The default models are one per heatmap path: ResNet-50 (closed form), ConvNeXt-Tiny (pool, norm,
 linear), Swin-T (NHWC), ViT-S/16 (class token), ViT-S/16 with average pooling, and a transformers

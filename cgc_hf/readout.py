@@ -13,7 +13,8 @@ row, the keys and values and the class token's MLP instead of the whole block fo
 
 Only models whose last block is plain ``Block`` / ``Attention`` of timm's ``VisionTransformer``
 with ``global_pool="token"`` (:class:`ClassTokenReadout`), or a transformers
-``ViTForImageClassification`` / ``DeiTForImageClassification(WithTeacher)`` with eager attention
+``ViTForImageClassification`` / ``ViTMSNForImageClassification`` /
+``DeiTForImageClassification(WithTeacher)`` with eager attention
 (:class:`ViTLayerReadout`), get a readout, and only while nothing in that slice is random
 (dropout, stochastic depth), since a recomputation would draw other masks than the forward did;
 other models (or those states) get ``None`` from :func:`readout_for` and are differentiated whole.
@@ -132,11 +133,13 @@ def _transformers_heads() -> dict[type, tuple[str, tuple[str, ...]]]:
             DeiTForImageClassification,
             DeiTForImageClassificationWithTeacher,
             ViTForImageClassification,
+            ViTMSNForImageClassification,
         )
     except ImportError:  # pragma: no cover - transformers is a dependency
         return {}
     return {
         ViTForImageClassification: ("vit", ("classifier",)),
+        ViTMSNForImageClassification: ("vit", ("classifier",)),
         DeiTForImageClassification: ("deit", ("classifier",)),
         DeiTForImageClassificationWithTeacher: (
             "deit",
@@ -150,10 +153,11 @@ def _transformers_layer_types() -> tuple[tuple[type, type, type], ...]:
     try:
         from transformers.models.deit import modeling_deit as deit
         from transformers.models.vit import modeling_vit as vit
+        from transformers.models.vit_msn import modeling_vit_msn as vit_msn
     except ImportError:  # pragma: no cover - transformers is a dependency
         return ()
     found = []
-    for mod, prefix in ((vit, "ViT"), (deit, "DeiT")):
+    for mod, prefix in ((vit, "ViT"), (deit, "DeiT"), (vit_msn, "ViTMSN")):
         names = (f"{prefix}Layer", f"{prefix}Attention", f"{prefix}MLP")
         if all(hasattr(mod, n) for n in names):  # transformers 5 names (4.x had others)
             found.append(tuple(getattr(mod, n) for n in names))
@@ -161,7 +165,7 @@ def _transformers_layer_types() -> tuple[tuple[type, type, type], ...]:
 
 
 class ViTLayerReadout:
-    """Recompute a transformers ViT / DeiT's logits from the last layer's ``layernorm_before``.
+    """Recompute a transformers ViT / DeiT logits from the last layer's ``layernorm_before``.
 
     The transformers counterpart of :class:`ClassTokenReadout`: the classifier reads the first
     ``P`` tokens of the final ``layernorm`` (``P = 1``; DeiT with teacher averages a class- and a
@@ -173,8 +177,8 @@ class ViTLayerReadout:
     ``P`` query rows, so the slice computes what the forward computes for those rows.
 
     Args:
-        backbone: a ``ViTForImageClassification``, ``DeiTForImageClassification`` or
-            ``DeiTForImageClassificationWithTeacher``.
+        backbone: a ``ViTForImageClassification``, ``ViTMSNForImageClassification``,
+            ``DeiTForImageClassification`` or ``DeiTForImageClassificationWithTeacher``.
 
     Shape:
         activations ``(B, N, D)`` (``layernorm_before`` output, all tokens), prefix tokens

@@ -103,11 +103,21 @@ def _hf_deit_plain(**config):
     return CGCModel.from_backbone(DeiTForImageClassification(DeiTConfig(**fields, num_labels=3)))
 
 
+def _hf_vit_msn():
+    from transformers import ViTMSNConfig, ViTMSNForImageClassification
+
+    torch.manual_seed(0)
+    return CGCModel.from_backbone(
+        ViTMSNForImageClassification(ViTMSNConfig(**HF_VIT, num_labels=3))
+    )
+
+
 def _hf(key: str) -> CGCModel:
-    return _hf_deit_plain() if key == "deit_plain" else tiny_hf(key)
+    built = {"deit_plain": _hf_deit_plain, "vit_msn": _hf_vit_msn}.get(key)
+    return built() if built is not None else tiny_hf(key)
 
 
-HF_READOUT = ["vit", "deit", "deit_plain"]  # ViT; DeiT with teacher (2 rows read); DeiT
+HF_READOUT = ["vit", "deit", "deit_plain", "vit_msn"]  # DeiT with teacher reads 2 rows
 
 
 def _eager_float64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
@@ -174,8 +184,9 @@ def test_transformers_readout_logits_equal_the_forward_logits(key):
 def test_transformers_readout_equals_the_whole_model_in_float64(key, method, monkeypatch):
     from transformers.models.deit import modeling_deit
     from transformers.models.vit import modeling_vit
+    from transformers.models.vit_msn import modeling_vit_msn
 
-    for module in (modeling_vit, modeling_deit):  # the forward and the readout both call it
+    for module in (modeling_vit, modeling_deit, modeling_vit_msn):  # forward and readout call it
         monkeypatch.setattr(module, "eager_attention_forward", _eager_float64)
     model = _hf(key).double()
     model.config.cam_method = method
