@@ -172,6 +172,24 @@ def consistency_transforms(
 _warned_training = False
 
 
+def _explain_target(
+    model: nn.Module, x: Tensor, target: Tensor, pred: Tensor, of_pred: Tensor
+) -> Tensor:
+    """Heatmaps of the ``target`` classes: those of the predictions where they agree, explained
+    anew only for the other rows.
+
+    Shape:
+        ``x`` ``(E, 3, H, W)``; ``target``, ``pred`` ``(E,)``; ``of_pred`` and the result
+        ``(E, h, w)``.
+    """
+    other = (target != pred).nonzero().squeeze(1)  # (K,)
+    if other.numel() == 0:
+        return of_pred
+    heatmaps = of_pred.clone()
+    heatmaps[other] = model.explain(x[other], target[other]).to(heatmaps.dtype)  # (K, h, w)
+    return heatmaps
+
+
 def evaluate_batch(
     model: nn.Module,
     batch: Mapping[str, Any],
@@ -240,24 +258,24 @@ def evaluate_batch(
         masks = masks[rows.to(masks.device)] if masks is not None else None
     explained: dict[str, Tensor] = {}
     if x.shape[0] > 0:
-        explained["consistency"] = consistency(
+        explained["consistency"], of_pred = consistency(
             model,
             x,
             generator=generator,
             transforms=transforms,
             size=consistency_size,
             classes=pred,
-        )
+            return_heatmaps=True,
+        )  # (E,), (E, h, w): the heatmaps of the predicted classes
         if masks is not None:
             masks = masks.to(x.device)  # (E, H, W)
-            heatmaps = model.explain(x, target)  # (E, h, w)
+            heatmaps = _explain_target(model, x, target, pred, of_pred)  # (E, h, w)
             explained["content_heatmap"] = content_heatmap(heatmaps, masks)
             explained["pointing_game"] = pointing_game(heatmaps, masks)
             explained["zero_heatmaps"] = zero_heatmaps(heatmaps).float()
         if insertion_steps > 0:
-            heatmaps = model.explain(x, pred)  # (E, h, w)
             explained["insertion"], explained["deletion"] = insertion_deletion(
-                model, x, heatmaps, pred, steps=insertion_steps, **insertion_kwargs
+                model, x, of_pred, pred, steps=insertion_steps, **insertion_kwargs
             )
     for key in keys:
         if rows is None:

@@ -142,7 +142,8 @@ def consistency(
     flip_prob: float = 0.5,
     size: int = 56,
     classes: Tensor | None = None,
-) -> Tensor:
+    return_heatmaps: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cosine similarity between ``T(heatmap(x))`` and ``heatmap(T(x))`` under a random crop/flip.
 
     This is the property CGC trains for, measured on held-out images: a heatmap that moves with
@@ -164,9 +165,12 @@ def consistency(
         flip_prob: probability of a horizontal flip.
         size: side of the comparison grid.
         classes: class to explain per row ``(B,)``; the prediction on ``x`` when omitted.
+        return_heatmaps: also return the heatmaps of ``x`` that the cosines compare, so that
+            other metrics of the same class need no second explain pass.
 
     Returns:
-        Cosines in [0, 1], shape ``(B,)``, float32.
+        Cosines in [0, 1], shape ``(B,)``, float32; with ``return_heatmaps`` also the heatmaps
+        ``(B, h', w')`` (float32) of ``x``.
     """
     b, _, h, w = pixel_values.shape
     if classes is None:
@@ -185,7 +189,8 @@ def consistency(
     cams = model.explain(torch.cat([pixel_values, x_aug]), torch.cat([classes, classes]))
     cam, cam_aug = cams.float().split(b)  # (B, h', w') each
     pos, aug = align_heatmaps(cam, cam_aug, geometry, size)  # (B, S, S) each, as the loss
-    return F.cosine_similarity(pos.flatten(1), aug.flatten(1), dim=1, eps=1e-12)  # (B,)
+    cosines = F.cosine_similarity(pos.flatten(1), aug.flatten(1), dim=1, eps=1e-12)  # (B,)
+    return (cosines, cam) if return_heatmaps else cosines
 
 
 # ------------------------------------------------------------------------ insertion/deletion

@@ -40,7 +40,7 @@ from cgc_hf import (
 )
 from cgc_hf.augment import sample_crop_flip
 from cgc_hf.evaluation import _positions, consistency_transforms, image_seed, metric
-from cgc_hf.metrics import consistency, content_heatmap
+from cgc_hf.metrics import consistency, content_heatmap, insertion_deletion
 
 Z95 = 1.959963984540054
 TINY_RESNET = dict(layers=[1, 1, 1, 1], stem_width=16, channels=(16, 32, 48, 64))
@@ -147,12 +147,40 @@ def test_evaluate_batch_keys_and_values(tiny_model):
     out = evaluate_batch(tiny_model, {"pixel_values": x}, insertion_steps=2)
     assert set(out) == {"consistency", "insertion", "deletion"}
     assert bool(((out["insertion"] >= 0) & (out["insertion"] <= 1)).all())
+    ins, dele = insertion_deletion(tiny_model, x, tiny_model.explain(x, pred), pred, steps=2)
+    torch.testing.assert_close(out["insertion"], ins.float())
+    torch.testing.assert_close(out["deletion"], dele.float())
     # Without labels (a model with other classes): no accuracy, the mask metrics explain pred.
     out = evaluate_batch(tiny_model, batch, use_labels=False)
     assert "accuracy" not in out
     torch.testing.assert_close(
         out["content_heatmap"], content_heatmap(tiny_model.explain(x, pred), mask)
     )
+
+
+def test_mask_metrics_reuse_the_heatmaps_of_the_predicted_class(tiny_model, monkeypatch):
+    """Consistency already explains each prediction; only the rows whose true class differs
+    from the prediction are explained again for Content Heatmap and the pointing game."""
+    tiny_model.eval()
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        pred = tiny_model(x)["logits"].argmax(1)
+    labels = pred.clone()
+    labels[2] = (pred[2] + 1) % 3  # one wrong prediction
+    batch = {"pixel_values": x, "labels": labels, "mask": torch.ones(4, 64, 64)}
+    explained: list[list[int]] = []
+    explain = tiny_model.explain
+
+    def counted(images, classes, *args, **kwargs):
+        explained.append(classes.tolist())
+        return explain(images, classes, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "explain", counted)
+    evaluate_batch(tiny_model, batch, generator=torch.Generator().manual_seed(0), insertion_steps=2)
+    # consistency: the image and its crop, both of the prediction; then the one true class
+    assert explained[:2] == [pred.tolist() * 2, [int(labels[2])]]
+    assert sum(len(c) for c in explained) == 2 * 4 + 1, "a heatmap was computed twice"
 
 
 # ---------------------------------------------------------------------------------- a loader
