@@ -20,7 +20,15 @@ from .errors import CGCValueError, first_line
 from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .readout import Readout, readout_for
-from .targets import Capture, TargetLayer, capture, get_module, resolve_target, to_nchw
+from .targets import (
+    Capture,
+    TargetLayer,
+    capture,
+    get_module,
+    probe_batch_size,
+    resolve_target,
+    to_nchw,
+)
 from .weights import load_weights
 
 if TYPE_CHECKING:
@@ -164,7 +172,7 @@ class CGCModel(CGCHubMixin, nn.Module):
     def _resolve_target(self, name: str | None) -> TargetLayer:
         size = tuple(self.config.data_config["input_size"][-2:])
         param = next(self.backbone.parameters())
-        example = torch.randn(2, 3, *size, device=param.device)
+        example = torch.randn(probe_batch_size(size), 3, *size, device=param.device)
         layout_hint, prefix_hint = self.adapter.target_hints(self.backbone)
         return resolve_target(
             self.backbone,

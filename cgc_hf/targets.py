@@ -9,7 +9,9 @@ stage. Layers that receive gradient but whose probe heatmap is flat, or the same
 images (a pooled vector spread back over the grid), come last, as do maps without the class token
 once the sequence carries one (projections inside a class-token block, as in CvT's last stage),
 so class attention and late class tokens are followed back to the last spatial map the score
-reads. A user may name any module instead; it is checked the same way.
+reads. A stage whose heatmaps after the ReLU are constant for many of the probe images (a
+2 x 2 last stage at random init) gives way to the best layer of the stage before it. A user may
+name any module instead; it is checked the same way (only the automatic choice falls back).
 """
 
 from __future__ import annotations
@@ -147,6 +149,16 @@ def _split_output(out: Any) -> tuple[Tensor | None, tuple | None]:
     return None, None
 
 
+def probe_batch_size(image_size: tuple[int, int]) -> int:
+    """Images in the target probe: as many as cost two at 224 px, between 2 and 16.
+
+    Whether heatmaps vary, differ between images or are constant is measured on the probe
+    images; small inputs afford more of them, which makes those measurements reliable.
+    """
+    height, width = image_size
+    return max(2, min(16, 2 * 224 * 224 // max(1, height * width)))
+
+
 @dataclass
 class _Record:
     name: str
@@ -217,31 +229,9 @@ def resolve_target(
                     "token grid; Grad-CAM needs one. Pass target_layer= explicitly."
                 )
             score = logits.gather(1, classes[:, None]).sum()
-            grads = torch.autograd.grad(
-                score, [rec.tensor for rec, _ in candidates], allow_unused=True
-            )
             size = tuple(example.shape[-2:])
-            reached = [
-                (rec, target, _informative(rec.tensor, grad, target, size))
-                for (rec, target), grad in zip(candidates, grads)
-                if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
-            ]
-            # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block,
-            # not the block's output: HF ViT's last v_proj would otherwise win over the last
-            # block's norm in a class-token ViT. Likewise, once the sequence carries a class
-            # token, a map without it is computed from the patches alone inside a block (CvT's
-            # convolutional key / value projections in its class-token stage). Keep such
-            # layers only as a last resort, and behind them layers whose heatmap carries no
-            # information about the image.
-            with_prefix = any(t.num_prefix_tokens for _, t, _ in reached)
-            reached.sort(
-                key=lambda c: (
-                    not c[2],
-                    isinstance(c[0].module, nn.Linear),
-                    with_prefix and not c[1].num_prefix_tokens,
-                )
-            )
-            alive = [(rec, target) for rec, target, _ in reached]
+            ranked = _rank(score, candidates, size)
+            alive = [(rec, target) for rec, target, _ in ranked]
             if name is not None:
                 chosen = [(rec, target) for rec, target in alive if rec.name == name]
                 if not chosen:
@@ -258,11 +248,110 @@ def resolve_target(
                     "class score; pass target_layer= explicitly."
                 )
             rec, target = alive[0]
+            if name is None:
+                rec, target = _earlier_stage_if_constant(
+                    ranked[0], candidates, records, score, size, layout_hint, prefix_hint
+                )
             return _with_linear_head(target, rec, records, logits, example)
     finally:
         for h in handles:
             h.remove()
         backbone.train(was_training)
+
+
+def _rank(
+    score: Tensor, candidates: list[tuple[_Record, TargetLayer]], size: tuple[int, int]
+) -> list[tuple[_Record, TargetLayer, Tensor]]:
+    """Candidates that receive gradient from ``score``, best first, with that gradient."""
+    grads = torch.autograd.grad(
+        score, [rec.tensor for rec, _ in candidates], allow_unused=True, retain_graph=True
+    )
+    reached = [
+        (rec, target, grad, _informative(rec.tensor, grad, target, size))
+        for (rec, target), grad in zip(candidates, grads)
+        if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
+    ]
+    # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block, not the
+    # block's output: HF ViT's last v_proj would otherwise win over the last block's norm in a
+    # class-token ViT. Likewise, once the sequence carries a class token, a map without it is
+    # computed from the patches alone inside a block (CvT's convolutional key / value
+    # projections in its class-token stage). Keep such layers only as a last resort, and behind
+    # them layers whose heatmap carries no information about the image.
+    with_prefix = any(t.num_prefix_tokens for _, t, _, _ in reached)
+    reached.sort(
+        key=lambda c: (
+            not c[3],
+            isinstance(c[0].module, nn.Linear),
+            with_prefix and not c[1].num_prefix_tokens,
+        )
+    )
+    return [(rec, target, grad) for rec, target, grad, _ in reached]
+
+
+def _earlier_stage_if_constant(
+    chosen: tuple[_Record, TargetLayer, Tensor],
+    candidates: list[tuple[_Record, TargetLayer]],
+    records: list[_Record],
+    score: Tensor,
+    size: tuple[int, int],
+    layout_hint: str | None,
+    prefix_hint: int | None,
+) -> tuple[_Record, TargetLayer]:
+    """The chosen layer, or the best layer of the stage before it when its heatmaps are constant.
+
+    A layer whose heatmap (after the ReLU, as CGC and ``explain`` compute it) is constant for
+    many of the probe images, which differ, is not a valid target: CGC has nothing to compare
+    there and sends no gradient. A coarse last stage can be like that at random init (a
+    2 x 2 class-token stage: the patch tokens' share of the score has one sign over the whole
+    grid). The stage before it is everything that runs before the first layer on the chosen
+    layer's grid and width; its best layer, ranked as the last stage's was, is taken when its
+    heatmaps are rarely constant. Otherwise (a model whose every stage is like that, e.g. a
+    random-init ResNet whose residual branches start at zero) the chosen layer stays.
+    """
+    rec, target, grad = chosen
+    constant = _constant_count(rec.tensor, grad, target, size)
+    if constant < _too_many_constant(rec.tensor.shape[0]):
+        return rec, target
+    grid = _grid(rec, target, size)
+    start = min(r.order for r, t in candidates if _grid(r, t, size) == grid)
+    earlier = _spatial_candidates(
+        [r for r in records if r.order < start], size, layout_hint, prefix_hint
+    )
+    ranked = _rank(score, earlier, size) if earlier else []
+    if ranked:
+        best, best_target, best_grad = ranked[0]
+        fewer = _constant_count(best.tensor, best_grad, best_target, size)
+        if fewer < min(constant, _too_many_constant(best.tensor.shape[0])):
+            return best, best_target
+    return rec, target
+
+
+def _too_many_constant(batch: int) -> int:
+    """Probe images with a constant heatmap that disqualify a layer: an eighth, at least 2."""
+    return max(2, math.ceil(batch / 8))
+
+
+def _constant_count(
+    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
+) -> int:
+    """Probe images whose heatmap ``relu(sum_c dscore/dA * A)`` is constant over the grid."""
+    with torch.no_grad():
+        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
+        cam = (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
+        cam = cam.clamp_min(0)
+        scale = cam.abs().amax().clamp_min(1e-30)
+        constant = (cam.amax(1) - cam.amin(1)) <= 1e-6 * scale  # (B,)
+    return int(constant.sum())
+
+
+def _grid(rec: _Record, target: TargetLayer, image_size: tuple[int, int]) -> tuple[int, ...]:
+    """``(C, h, w)`` of a candidate's map."""
+    shape = rec.tensor.shape
+    if target.layout == "NCHW":
+        return tuple(shape[1:])
+    if target.layout == "NHWC":
+        return (shape[3], shape[1], shape[2])
+    return (shape[2], *token_grid(shape[1] - target.num_prefix_tokens, image_size))
 
 
 @contextmanager

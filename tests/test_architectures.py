@@ -447,3 +447,66 @@ def test_learned_latents_are_not_an_image_grid():
     model = CGCModel.from_backbone(PerceiverForImageClassificationLearned(config))
     assert model.target.name == "perceiver.encoder.cross_attention.attention.self.layernorm2"
     _trains_and_explains(model, (32, 32))  # one token per pixel, as the latents read them
+
+
+class OneSignNet(nn.Module):
+    """A CNN whose last map reaches the class score with one sign at every position.
+
+    The last stage outputs ``-softplus(conv(h)) <= 0`` and the classifier's weights are
+    non-negative, so ``dscore/dA * A <= 0`` everywhere: that map receives gradient and varies
+    between images, yet every heatmap after the ReLU is all zero (a coarse class-token stage at
+    random init is like this for most images). The target must be the stage before it.
+    """
+
+    def __init__(self, num_classes: int = NUM_LABELS, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.pretrained_cfg = {
+            "architecture": "onesignnet",
+            "input_size": (3, 16, 16),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+        }
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.last = nn.Sequential(nn.Conv2d(width, width, 4, stride=4), _NegativeSoftplus())
+        self.fc = nn.Linear(width, num_classes)
+        with torch.no_grad():
+            self.fc.weight.abs_()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.last(self.stem(x))  # (B, width, H / 4, W / 4), <= 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x).mean((2, 3)))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+
+class _NegativeSoftplus(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return -F.softplus(x)
+
+
+def test_a_stage_whose_heatmaps_are_all_zero_is_not_the_target():
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone(OneSignNet())
+    assert model.target.name.startswith("stem")  # not "last", which gets gradient too
+    _trains_and_explains(model, (16, 16))
+
+
+@pytest.mark.parametrize(
+    ("name", "grid"),
+    [
+        # PiT at 64 px: stages of 7 x 7, 4 x 4 and 2 x 2 tokens, each with a class token
+        ("pit_ti_224", 4),
+        # ResNet stem of stride 4, then 8 x 8 patches: a 2 x 2 ViT after a 16 x 16 map
+        ("vit_tiny_r_s16_p8_224", 16),
+    ],
+)
+def test_a_coarse_last_stage_with_constant_heatmaps_falls_back_a_stage(name, grid):
+    # at 64 px the last stage is 2 x 2 and at random init its heatmaps are mostly all zero
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone(timm.create_model(name, num_classes=NUM_LABELS, img_size=64))
+    calibrate_like_training(model)
+    _trains_and_explains(model, (grid, grid))
