@@ -10,6 +10,7 @@ from there on every call (``prepare``, ``save_state``, ``load_state``, ``get_sta
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -395,3 +396,53 @@ def test_fsdp_asked_for_on_cpu_says_it_trains_unsharded(
     (line,) = [r.getMessage() for r in caplog.records if "FSDP" in r.getMessage()]
     assert "only on an accelerator" in line and "whole model" in line
     assert type(trainer.accelerator.unwrap_model(trainer.model)) is CGCModel  # not sharded
+
+
+def _recipe_worker(rank: int, port: int, out: str) -> None:
+    """``recipes/finetune.py --push_to_hub`` in one of two FSDP processes (size-based units)."""
+    from conftest import FakeHfApi, load_recipe
+
+    import cgc_hf.training.loop as loop
+    from cgc_hf import hub
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        ACCELERATE_USE_CPU="true",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **{**FSDP_ENV, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1000"},
+    )
+    loop.make_accelerator = _on_cpu(loop.make_accelerator)
+    hub.HfApi = FakeHfApi
+    load_recipe("finetune").main(
+        [
+            "--model", "test_resnet", "--no_pretrained", "--image_size", "32",
+            "--synthetic_kwargs", '{"num_classes": 3, "train_size": 24, "eval_size": 6}',
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "6",
+            "--figure_images", "0", "--max_train_steps", "2", "--output_dir", f"{out}/run",
+            "--push_to_hub", "--hub_model_id", "user/tiny-fsdp",
+        ]
+    )  # fmt: skip
+    if rank == 0:
+        (api,) = FakeHfApi.instances
+        pushed = Path(out) / "pushed"
+        pushed.mkdir()
+        for name, data in api.files.items():
+            (pushed / name).write_bytes(data)
+
+
+@pytest.mark.slow
+def test_fsdp_recipe_saves_and_pushes_the_gathered_model(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_recipe_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    saved = CGCModel.from_pretrained(tmp_path / "run" / "model")
+    pushed = CGCModel.from_pretrained(tmp_path / "pushed")
+    assert saved.target.linear_head is None  # test_resnet: an autograd heatmap (layer3)
+    for name, w in saved.state_dict().items():
+        assert not hasattr(w, "placements")  # whole tensors, not DTensor shards
+        torch.testing.assert_close(pushed.state_dict()[name], w, rtol=0, atol=0)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final"]["train_steps"] == 2
