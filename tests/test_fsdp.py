@@ -446,3 +446,18 @@ def test_fsdp_recipe_saves_and_pushes_the_gathered_model(tmp_path):
         torch.testing.assert_close(pushed.state_dict()[name], w, rtol=0, atol=0)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final"]["train_steps"] == 2
+
+
+def test_trainer_refuses_before_it_writes_anything(tmp_path, monkeypatch, fresh_accelerate):
+    """The default figure_images=4 under FSDP: one line, before a run folder exists."""
+    from conftest import tiny_trainer
+
+    import cgc_hf.training.loop as loop
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setattr(loop, "make_accelerator", _on_cpu(loop.make_accelerator))
+    out = tmp_path / "run"
+    with pytest.raises(CGCValueError, match=r"figure_images=4: .*pass --figure_images 0"):
+        tiny_trainer(out, model=_vit(), figure_images=4)
+    assert not out.exists()

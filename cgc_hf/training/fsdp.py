@@ -166,7 +166,16 @@ def _placement(world: int) -> Any:
         if param.ndim == 0 or param.shape[0] >= world:
             return None  # FSDP2's default, dimension 0
         even = [d for d, size in enumerate(param.shape) if size % world == 0]
-        return Shard(even[0]) if even else None
+        if not even:
+            logger.warning(
+                "FSDP: a parameter of shape %s has an empty shard in some of the %d processes "
+                "(no dimension divides evenly); a run resumed from a sharded checkpoint may "
+                "update it slightly differently than an uninterrupted one.",
+                tuple(param.shape),
+                world,
+            )
+            return None
+        return Shard(even[0])
 
     return place
 
