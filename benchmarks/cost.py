@@ -20,7 +20,8 @@ ViT-S/16 built from its config.
 
 Peak memory is measured per mode in a fresh subprocess: on CUDA ``max_memory_allocated``; on CPU
 the peak resident memory of the training steps (the kernel's peak mark is reset after the model
-is built) minus the resident memory before the first step.
+is built) minus the resident memory before the first step, with glibc's mmap threshold fixed at
+64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave the resident memory.
 
 Usage:
     python benchmarks/cost.py                      # the six default models at 224 px, batch 8
@@ -356,7 +357,13 @@ def measure_memory(args, name: str, mode: str, batch: int) -> float:
         "--dtype",
         args.dtype,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # glibc serves large buffers from its heap once its mmap threshold has grown, and the
+    # heap's fragmentation then moves resident memory by 10-20% between runs of the same mode;
+    # with a fixed threshold each tensor above 64 KiB is its own mapping, freed when it is
+    # freed, so the resident peak follows the live tensors.
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
