@@ -304,9 +304,10 @@ def _earlier_stage_if_constant(
     there and sends no gradient. A coarse last stage can be like that at random init (a
     2 x 2 class-token stage: the patch tokens' share of the score has one sign over the whole
     grid). The stage before it is everything that runs before the first layer on the chosen
-    layer's grid and width; its best layer, ranked as the last stage's was, is taken when its
-    heatmaps are rarely constant. Otherwise (a model whose every stage is like that, e.g. a
-    random-init ResNet whose residual branches start at zero) the chosen layer stays.
+    layer's grid and width, on a finer grid; its best layer, ranked as the last stage's was,
+    is taken when its heatmaps are rarely constant. Otherwise (a model whose every stage is
+    like that, e.g. a random-init ResNet whose residual branches start at zero) the chosen
+    layer stays.
     """
     rec, target, grad = chosen
     constant = _constant_count(rec.tensor, grad, target, size)
@@ -314,9 +315,14 @@ def _earlier_stage_if_constant(
         return rec, target
     grid = _grid(rec, target, size)
     start = min(r.order for r, t in candidates if _grid(r, t, size) == grid)
-    earlier = _spatial_candidates(
-        [r for r in records if r.order < start], size, layout_hint, prefix_hint
-    )
+    # Only finer maps: a branch inside the last stage's first cell (NASNet) shares its grid.
+    finer = [
+        r
+        for r in records[:start]
+        if (t := _describe(r, size, layout_hint, prefix_hint)) is not None
+        and math.prod(_grid(r, t, size)[1:]) > math.prod(grid[1:])
+    ]
+    earlier = _spatial_candidates(finer, size, layout_hint, prefix_hint)
     ranked = _rank(score, earlier, size) if earlier else []
     if ranked:
         best, best_target, best_grad = ranked[0]
