@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def all_gather_rows(z: Tensor) -> tuple[Tensor, int]:
@@ -48,3 +48,16 @@ def all_gather_rows(z: Tensor) -> tuple[Tensor, int]:
     parts = all_gather(padded, group=dist.group.WORLD)  # P x (max_b, D); backward sums grads
     rows = torch.cat([p[:n] for p, n in zip(parts, sizes)])  # (N, D)
     return rows, sum(sizes[:rank])
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards ``model``'s parameters over the processes.
+
+    Every forward of a sharded model gathers parameters from all processes, so each process must
+    run the same sequence of forward passes (none may skip a batch's extra pass).
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .augment import CropFlip, sample_crop_flip
 from .config import DEFAULT_CROP_RATIO, DEFAULT_CROP_SCALE, IGNORE_INDEX, CGCTrainingArguments
+from .distributed import is_sharded
 from .errors import CGCValueError
 from .metrics import (
     consistency,
@@ -183,6 +184,8 @@ def _explain_target(
         ``(E, h, w)``.
     """
     other = (target != pred).nonzero().squeeze(1)  # (K,)
+    if is_sharded(model):  # FSDP: every process runs the same passes, so all rows again
+        other = torch.arange(len(target), device=target.device)
     if other.numel() == 0:
         return of_pred
     heatmaps = of_pred.clone()

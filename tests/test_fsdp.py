@@ -130,6 +130,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     result["step_hf"] = _step(rank, port + 8, _hf_vit)
     os.environ["FSDP_TRANSFORMER_CLS_TO_WRAP"] = FSDP_ENV["FSDP_TRANSFORMER_CLS_TO_WRAP"]
     result["resnet"] = _closed_form_step(rank, port + 9)
+    result["evaluation"] = _evaluation(rank, port + 12)
     # (b) the trainer: FSDP against DDP, and FSDP stopped after step 2 and resumed.
     checkpoints = dict(checkpointing_steps=2)
     result["fsdp"] = _train(root / "fsdp", port + 1, True, **checkpoints)
@@ -176,6 +177,37 @@ def _step(rank: int, port: int, build=_vit, **plugin) -> dict:
     return {"losses": losses, "grads": grads, "units": units}
 
 
+def _masked_images() -> list[dict]:
+    """4 images with masks; the labels are the initial ViT's predictions except for image 3, so
+    one process's rows all agree with their label and the other's do not."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 32, 32, generator=g)  # (4, 3, 32, 32)
+    masks = torch.rand(4, 32, 32, generator=g) > 0.5  # (4, 32, 32)
+    with torch.no_grad():
+        labels = _vit().eval()(x)["logits"].argmax(1)  # (4,)
+    labels[3] = (labels[3] + 1) % 3
+    return [{"pixel_values": x[i], "labels": labels[i], "mask": masks[i]} for i in range(4)]
+
+
+def _evaluation(rank: int, port: int) -> dict:
+    """cgc_hf.evaluation.evaluate of the sharded ViT on :func:`_masked_images`."""
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from cgc_hf.evaluation import evaluate
+
+    reset_accelerate()
+    os.environ["MASTER_PORT"] = str(port)
+    acc = Accelerator(cpu=True)
+    _lift_gate(acc)
+    model = _vit()
+    fsdp.shard_model(model, tiny_args("unused"), acc)
+    loader = acc.prepare(DataLoader(_masked_images(), batch_size=2))
+    result = evaluate(model, loader, acc, seed=3).per_image
+    acc.end_training()
+    return result
+
+
 def _closed_form_step(rank: int, port: int) -> dict:
     """A ResNet (closed-form heatmap, BatchNorm) step: FSDP and DDP on the same local rows."""
     import copy
@@ -216,6 +248,21 @@ def _closed_form_step(rank: int, port: int) -> dict:
     }
 
 
+def _spawn(fn, out: Path, timeout: float = 240.0) -> None:
+    """``mp.spawn`` of ``WORLD`` processes that fails instead of hanging (a collective that one
+    process skips would otherwise wait forever)."""
+    import time
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = mp.spawn(fn, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the {WORLD} FSDP processes did not finish within {timeout:.0f} s")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,8 +272,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("fsdp")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    _spawn(_worker, out)
     return torch.load(out / "result.pt", weights_only=True), out
 
 
@@ -436,8 +482,7 @@ def _recipe_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp_recipe_saves_and_pushes_the_gathered_model(tmp_path):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_recipe_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_recipe_worker, tmp_path)
     saved = CGCModel.from_pretrained(tmp_path / "run" / "model")
     pushed = CGCModel.from_pretrained(tmp_path / "pushed")
     assert saved.target.linear_head is None  # test_resnet: an autograd heatmap (layer3)
@@ -461,3 +506,19 @@ def test_trainer_refuses_before_it_writes_anything(tmp_path, monkeypatch, fresh_
     with pytest.raises(CGCValueError, match=r"figure_images=4: .*pass --figure_images 0"):
         tiny_trainer(out, model=_vit(), figure_images=4)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_fsdp_evaluation_equals_one_process(run):
+    """Content Heatmap re-explains the rows whose label is not the prediction: under FSDP every
+    process must still run the same passes (here one process has no such row)."""
+    from torch.utils.data import DataLoader
+
+    from cgc_hf.evaluation import evaluate
+
+    sharded = run[0]["evaluation"]
+    reference = evaluate(_vit(), DataLoader(_masked_images(), batch_size=2), None, seed=3)
+    assert sharded.keys() == reference.per_image.keys() and "content_heatmap" in sharded
+    for key, values in reference.per_image.items():
+        torch.testing.assert_close(sharded[key], values, atol=1e-5, rtol=1e-4, equal_nan=True)
+    assert reference.per_image["accuracy"].tolist() == [1.0, 1.0, 1.0, 0.0]
