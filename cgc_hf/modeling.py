@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import attention_modules, finished_before
 from .augment import CropFlip, align_heatmaps, sample_crop_flip, warp
 from .backbones import BackboneAdapter, HubOptions, create_backbone, get_adapter
 from .cam import class_scores, combine, linear_head_cam
@@ -71,7 +72,6 @@ class CGCModel(CGCHubMixin, nn.Module):
         adapter = get_adapter(config.library)
         if backbone is None:
             backbone = adapter.rebuild(config.architecture, config.backbone_config)
-        adapter.disable_fused_attention(backbone)
         self.adapter: BackboneAdapter = adapter  # the library's steps, picked once
         self.backbone = backbone
         self.config = config
@@ -81,6 +81,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         if config.target is None:
             config.target = self._resolve_target(config.target_layer).to_dict()
         self.target = TargetLayer.from_dict(config.target)
+        self._set_attention()
         self._readout = self._class_token_readout()
         self._warned_single = False
         # Share of cgc_lambda applied: a trainer's warm-up ramps it from 0 to 1.
@@ -188,8 +189,20 @@ class CGCModel(CGCHubMixin, nn.Module):
         self.target = self._resolve_target(name)
         self.config.target_layer = name
         self.config.target = self.target.to_dict()
+        self._set_attention()
         self._readout = self._class_token_readout()
         return self.target
+
+    def _set_attention(self) -> None:
+        """Explicit attention after the target layer (differentiated twice), the built one
+        before it (:mod:`cgc_hf.attention`)."""
+        keep: set[nn.Module] = set()
+        if attention_modules(self.backbone):
+            size = tuple(self.config.data_config["input_size"][-2:])
+            param = next(self.backbone.parameters())
+            x = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)  # (1, 3, H, W)
+            keep = finished_before(self.backbone, self.target.name, lambda: self._logits(x))
+        self.adapter.disable_fused_attention(self.backbone, keep)
 
     def _class_token_readout(self) -> Readout | None:
         return readout_for(self.backbone, self.target.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -160,11 +161,14 @@ class BackboneAdapter(ABC):
         """``(layout, prefix tokens)`` the model declares, for :func:`~cgc_hf.resolve_target`."""
         return None, None
 
-    def disable_fused_attention(self, model: nn.Module) -> None:
-        """Switch attention to an implementation with a double backward (fused SDPA has none)."""
+    def disable_fused_attention(self, model: nn.Module, keep: Collection[nn.Module] = ()) -> None:
+        """Switch attention to an implementation with a double backward (fused SDPA has none),
+        except in the modules of ``keep`` (:func:`cgc_hf.attention.finished_before`), which
+        keep the implementation they were built with."""
         for module in model.modules():
             if hasattr(module, "fused_attn"):
-                module.fused_attn = False
+                built = module.__dict__.setdefault("_cgc_built_fused_attn", module.fused_attn)
+                module.fused_attn = bool(built) and module in keep
 
     @abstractmethod
     def export(self, model: nn.Module, folder: Path, config: CGCConfig) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,10 +251,11 @@ classify = pipeline("image-classification", model="exported")  # preprocessing i
         inner = getattr(model, "timm_model", None)  # timm_wrapper holds a timm model
         return _TIMM.target_hints(inner) if isinstance(inner, nn.Module) else (None, None)
 
-    def disable_fused_attention(self, model: nn.Module) -> None:
+    def disable_fused_attention(self, model: nn.Module, keep: Collection[nn.Module] = ()) -> None:
+        # one implementation for the whole model: eager everywhere
         if getattr(model.config, "_attn_implementation", "eager") != "eager":
             model.set_attn_implementation("eager")
-        super().disable_fused_attention(model)  # timm modules inside timm_wrapper
+        super().disable_fused_attention(model, keep)  # timm modules inside timm_wrapper
 
     def export(self, model: nn.Module, folder: Path, config: CGCConfig) -> None:
         model.save_pretrained(str(folder))
