@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from cgc_hf import CGCLoss, CGCModel, combine, sample_crop_flip, warp
-from cgc_hf.targets import capture, to_nchw
+from cgc_hf.target_layer import capture, to_nchw
 
 MODES = ("ce2", "cgc", "naive", "cgc_whole")
 CL = "_cl"

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from cgc_hf import CGCModel
 from cgc_hf._io import read_json, write_json
-from cgc_hf.targets import capture, to_nchw
+from cgc_hf.target_layer import capture, to_nchw
 from cgc_hf.testing import (
     HF_ENCODER,
     HF_PERCEIVER,

@@ -64,7 +64,8 @@ from .metrics import (
 )
 from .modeling import CGCModel
 from .synthetic import make_synthetic
-from .targets import TargetLayer, resolve_target
+from .target_layer import TargetLayer
+from .targets import resolve_target
 from .training import CGCTrainer, latest_checkpoint, loader_options, set_seed
 from .visualize import (
     comparison_figures,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .metrics import eval_mode
-from .targets import get_module
+from .target_layer import get_module
 
 
 def attention_modules(backbone: nn.Module) -> list[nn.Module]:

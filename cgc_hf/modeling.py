@@ -21,15 +21,8 @@ from .errors import CGCValueError, first_line
 from .hub import CGCHubMixin
 from .loss import CGCLoss
 from .readout import Readout, readout_for
-from .targets import (
-    Capture,
-    TargetLayer,
-    capture,
-    get_module,
-    probe_batch_size,
-    resolve_target,
-    to_nchw,
-)
+from .target_layer import Capture, TargetLayer, capture, get_module, to_nchw
+from .targets import probe_batch_size, resolve_target
 from .weights import load_weights
 
 if TYPE_CHECKING:

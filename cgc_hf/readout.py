@@ -30,7 +30,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .targets import Capture
+from .target_layer import Capture
 
 
 def _random(m: nn.Module) -> bool:

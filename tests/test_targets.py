@@ -9,7 +9,7 @@ from torch import Tensor
 
 from cgc_hf import CGCModel, TargetLayer, TargetLayerError, resolve_target
 from cgc_hf.backbones import target_hints
-from cgc_hf.targets import to_nchw, token_grid
+from cgc_hf.target_layer import to_nchw, token_grid
 
 
 def _layer_and_grad(
