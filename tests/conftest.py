@@ -451,6 +451,45 @@ def stop_after(trainer: Any, step: int | None) -> None:
     trainer._step_end = step_end
 
 
+class RandomItems(torch.utils.data.Dataset):
+    """``n`` random 32 px images labelled ``i % 3``, each flipped at random by the global RNG,
+    as a transform would (so a resumed run must restore that RNG too)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x = self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
+        return {"pixel_values": x, "labels": torch.tensor(i % 3)}
+
+
+def resnet_run(
+    out: str | Path,
+    stop_at: int | None = None,
+    resume: str | None = None,
+    on_trainer: Any = None,
+    **options: Any,
+) -> CGCModel:
+    """Train ``test_resnet`` for 6 steps (a checkpoint every 2) on 10 labeled and 7 unlabeled
+    :class:`RandomItems`; ``stop_at`` interrupts it (:func:`stop_after`), ``on_trainer`` sees
+    the trainer before training, ``options`` override the arguments. Returns the model."""
+    from cgc_hf import CGCTrainer
+
+    torch.manual_seed(0)
+    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, input_size=32)
+    base = dict(unlabeled_batch_size=3, max_train_steps=6, checkpointing_steps=2)
+    args = tiny_args(out, resume_from_checkpoint=resume, **{**base, **options})
+    trainer = CGCTrainer(model, args, RandomItems(10, 0), unlabeled_dataset=RandomItems(7, 1))
+    if on_trainer is not None:
+        on_trainer(trainer)
+    stop_after(trainer, stop_at)
+    trainer.train()
+    return model
+
+
 def tiny_trainer(
     out: str | Path,
     model: CGCModel | None = None,

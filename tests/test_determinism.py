@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Stop, reset_accelerate, stop_after, tiny_args, tiny_hf, tiny_timm
+from conftest import Stop, reset_accelerate, resnet_run, tiny_hf, tiny_timm
 
 from cgc_hf import CGCModel, CropFlip, sample_crop_flip
 
@@ -237,37 +237,8 @@ def test_efficientnet_cgc_run_repeats_and_resumes_after_kill_9_exactly(tmp_path)
 
 
 # ------------------------------------------------------------------ data loader workers
-class _Items(torch.utils.data.Dataset):
-    """Random images; the item's random flip comes from the global RNG, as a transform's would."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        x = self.x[i].flip(-1) if torch.rand(()) < 0.5 else self.x[i]
-        return {"pixel_values": x, "labels": torch.tensor(i % 3)}
-
-
 def _train(out: Path, workers: int, stop_at: int | None = None, resume: str | None = None):
-    from cgc_hf import CGCTrainer
-
-    torch.manual_seed(0)
-    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, input_size=32)
-    args = tiny_args(
-        out,
-        unlabeled_batch_size=3,
-        max_train_steps=6,
-        checkpointing_steps=2,
-        dataloader_num_workers=workers,
-        resume_from_checkpoint=resume,
-    )
-    trainer = CGCTrainer(model, args, _Items(10, 0), unlabeled_dataset=_Items(7, 1))
-    stop_after(trainer, stop_at)
-    trainer.train()
-    return model
+    return resnet_run(out, stop_at, resume, dataloader_num_workers=workers)
 
 
 @pytest.mark.usefixtures("fresh_accelerate")

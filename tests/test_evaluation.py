@@ -117,12 +117,16 @@ def test_consistency_takes_given_transforms(tiny_model):
 
 
 # ---------------------------------------------------------------------------------- one batch
-def test_evaluate_batch_keys_and_values(tiny_model):
-    tiny_model.eval()
+def _images_and_predictions(model: CGCModel) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
     torch.manual_seed(5)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        pred = tiny_model(x)["logits"].argmax(1)
+        return x, model(x)["logits"].argmax(1)
+
+
+def test_evaluate_batch_keys_and_values(tiny_model):
+    x, pred = _images_and_predictions(tiny_model)
     labels = pred.clone()
     labels[1] = (pred[1] + 1) % 3
     labels[3] = -100
@@ -161,11 +165,7 @@ def test_evaluate_batch_keys_and_values(tiny_model):
 def test_mask_metrics_reuse_the_heatmaps_of_the_predicted_class(tiny_model, monkeypatch):
     """Consistency already explains each prediction; only the rows whose true class differs
     from the prediction are explained again for Content Heatmap and the pointing game."""
-    tiny_model.eval()
-    torch.manual_seed(5)
-    x = torch.randn(4, 3, 64, 64)
-    with torch.no_grad():
-        pred = tiny_model(x)["logits"].argmax(1)
+    x, pred = _images_and_predictions(tiny_model)
     labels = pred.clone()
     labels[2] = (pred[2] + 1) % 3  # one wrong prediction
     batch = {"pixel_values": x, "labels": labels, "mask": torch.ones(4, 64, 64)}

@@ -6,41 +6,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Stop, reset_accelerate, stop_after, tiny_args
+from conftest import Stop, reset_accelerate, resnet_run
 
 from cgc_hf import CGCModel, CGCTrainer
 
-
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.x[i], "labels": torch.tensor(i % 3)}
+NHWC = torch.channels_last
 
 
 def _train(out: Path, channels_last: bool, stop_at: int | None = None, resume: str | None = None):
-    torch.manual_seed(0)
-    model = CGCModel.from_backbone("test_resnet", num_labels=3, pretrained=False, input_size=32)
-    args = tiny_args(
-        out,
-        unlabeled_batch_size=3,
-        max_train_steps=4,
-        checkpointing_steps=2,
-        channels_last=channels_last,
-        resume_from_checkpoint=resume,
-    )
-    trainer = CGCTrainer(model, args, _Items(8, 0), unlabeled_dataset=_Items(6, 1))
+    """The run and, for each training forward, whether its images were channels-last."""
     seen: list[bool] = []
-    inner = trainer.accelerator.unwrap_model(trainer.model)
-    inner.register_forward_pre_hook(
-        lambda _m, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
-    )
-    stop_after(trainer, stop_at)
-    trainer.train()
+
+    def record(trainer: CGCTrainer) -> None:
+        inner = trainer.accelerator.unwrap_model(trainer.model)
+        inner.register_forward_pre_hook(
+            lambda _m, inputs: seen.append(inputs[0].is_contiguous(memory_format=NHWC))
+        )
+
+    model = resnet_run(out, stop_at, resume, record, channels_last=channels_last)
     return model, seen
 
 
