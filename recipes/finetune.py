@@ -153,13 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 6. Report, and share if asked: the upload is output_dir/model (weights, config, card).
     if trainer.accelerator.is_main_process:
         print_summary(metrics, args.output_dir, model.config.cgc_lambda)
-        if hub.push_to_hub:
-            from accelerate.utils import DistributedType
-
-            shared = model
-            if trainer.accelerator.distributed_type == DistributedType.FSDP:
-                # The model in memory is sharded: share the gathered copy the trainer saved.
-                shared = CGCModel.from_pretrained(Path(args.output_dir) / "model")
+        if hub.push_to_hub:  # the saved copy: under FSDP the model in memory is sharded
+            shared = CGCModel.from_pretrained(Path(args.output_dir) / "model")
             info = shared.push_to_hub(
                 repo_id,
                 hub_api=hub_api,
