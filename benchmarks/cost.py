@@ -85,8 +85,12 @@ DEFAULT_MODELS = [
 ]
 
 
-def build(name: str, image_size: int, device: str) -> CGCModel:
-    """A random-init model with 200 classes (no download); ``name`` is a preset or a timm name."""
+def build(name: str, image_size: int, device: str, explicit_attention: bool = False) -> CGCModel:
+    """A random-init model with 200 classes (no download); ``name`` is a preset or a timm name.
+
+    ``explicit_attention``: every timm attention module computes attention explicitly, as all
+    did before the ones that run ahead of the target layer kept their fused kernel.
+    """
     arch, kwargs = PRESETS.get(name, (name, {}))
     kwargs = dict(kwargs)
     if arch.startswith("hf:"):
@@ -101,6 +105,10 @@ def build(name: str, image_size: int, device: str) -> CGCModel:
         model = CGCModel.from_backbone(
             arch, num_labels=200, pretrained=False, model_kwargs=kwargs, input_size=image_size
         )
+    if explicit_attention:
+        for module in model.backbone.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
     return model.to(device).train()
 
 
@@ -217,7 +225,7 @@ def _reset_peak_rss() -> bool:
 def memory_child(args) -> None:
     """Run one mode in this (fresh) process and print its peak memory in MiB as JSON."""
     torch.manual_seed(0)
-    model = build(args.models[0], args.image_size, args.device)
+    model = build(args.models[0], args.image_size, args.device, args.explicit_attention)
     if args.modes[0].endswith(CL):
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -251,7 +259,7 @@ def profile(args) -> None:
     dtype = getattr(torch, args.dtype)
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, args.image_size, args.device)
+        model = build(name, args.image_size, args.device, args.explicit_attention)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         for mode in args.modes:
             batch = args.batch_sizes[0]
@@ -302,7 +310,7 @@ def overhead(args) -> None:
         per_step = {"trainer": [], "plain": []}
         for _ in range(3):
             torch.manual_seed(0)
-            model = build(name, args.image_size, args.device)
+            model = build(name, args.image_size, args.device, args.explicit_attention)
             with tempfile.TemporaryDirectory() as tmp:
                 targs = CGCTrainingArguments(
                     output_dir=tmp,
@@ -320,7 +328,7 @@ def overhead(args) -> None:
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
             torch.manual_seed(0)
-            model = build(name, args.image_size, args.device)
+            model = build(name, args.image_size, args.device, args.explicit_attention)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
             marks = []
@@ -356,7 +364,7 @@ def measure_memory(args, name: str, mode: str, batch: int) -> float:
         args.device,
         "--dtype",
         args.dtype,
-    ]
+    ] + (["--explicit_attention"] if args.explicit_attention else [])
     # glibc serves large buffers from its heap once its mmap threshold has grown, and the
     # heap's fragmentation then moves resident memory by 10-20% between runs of the same mode;
     # with a fixed threshold each tensor above 64 KiB is its own mapping, freed when it is
@@ -388,6 +396,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no_memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument(
+        "--explicit_attention",
+        action="store_true",
+        help="explicit attention in every timm attention module, also before the target layer",
+    )
     p.add_argument(
         "--cpu_time",
         action="store_true",
@@ -429,7 +442,7 @@ def main() -> None:
     )
     for name in args.models:
         torch.manual_seed(0)
-        model = build(name, args.image_size, args.device)
+        model = build(name, args.image_size, args.device, args.explicit_attention)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         pairs = {False: (model, opt)}
         if any(m.endswith(CL) for m in args.modes):  # the same weights, stored channels-last
