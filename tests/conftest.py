@@ -451,6 +451,44 @@ def stop_after(trainer: Any, step: int | None) -> None:
     trainer._step_end = step_end
 
 
+def launch_env(rank: int, world: int, port: int | None = None, **extra: str) -> None:
+    """Set what ``accelerate launch --cpu --num_processes WORLD`` sets in process ``rank``
+    (``port``: the rendezvous port), plus ``extra`` variables."""
+    port_env = {} if port is None else {"MASTER_PORT": str(port)}
+    os.environ.update(
+        ACCELERATE_USE_CPU="true",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        **port_env,
+        **extra,
+    )
+
+
+def layernorm_vit() -> CGCModel:
+    """The tiny ViT of the multi-process tests, with the same weights in every process. It has
+    LayerNorm only (no BatchNorm), so a process's forward on its rows equals the full batch's."""
+    torch.manual_seed(0)
+    return CGCModel.from_backbone(
+        "test_vit",
+        num_labels=3,
+        pretrained=False,
+        model_kwargs={"img_size": 32, "patch_size": 8},
+        temperature=0.5,
+    )
+
+
+def step_inputs(batch: int) -> tuple[Tensor, Tensor, Any]:
+    """Seeded images ``(N, 3, 32, 32)``, labels ``(N,)`` and crop/flips for one CGC step."""
+    from cgc_hf import sample_crop_flip
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, 3, 32, 32, generator=g)  # (N, 3, 32, 32)
+    y = torch.randint(0, 3, (batch,), generator=g)  # (N,)
+    return x, y, sample_crop_flip(batch, generator=g)
+
+
 class RandomItems(torch.utils.data.Dataset):
     """``n`` random 32 px images labelled ``i % 3``, each flipped at random by the global RNG,
     as a transform would (so a resumed run must restore that RNG too)."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import launch_env, layernorm_vit, step_inputs
 
-from cgc_hf import CGCLoss, CGCModel, CropFlip, sample_crop_flip
+from cgc_hf import CGCLoss, CropFlip
 from cgc_hf.distributed import all_gather_rows
 
 WORLD = 2
@@ -21,26 +22,6 @@ UNEVEN = (3, 5)  # rows per process for the padding case
 def _heatmaps(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     return torch.rand(n, 7, 7, generator=g), torch.rand(n, 7, 7, generator=g)
-
-
-def _model() -> CGCModel:
-    torch.manual_seed(0)  # same weights in every process and in the reference
-    # LayerNorm only (no BatchNorm): the per-process forward equals the full-batch forward.
-    return CGCModel.from_backbone(
-        "test_vit",
-        num_labels=3,
-        pretrained=False,
-        model_kwargs={"img_size": 32, "patch_size": 8},
-        temperature=0.5,
-    )
-
-
-def _inputs() -> tuple[torch.Tensor, torch.Tensor, CropFlip]:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g)  # (N, 3, 32, 32)
-    y = torch.randint(0, 3, (BATCH,), generator=g)  # (N,)
-    geometry = sample_crop_flip(BATCH, generator=g)
-    return x, y, geometry
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -69,11 +50,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     rows = slice(start, start + UNEVEN[rank])
     result["uneven_loss"] = CGCLoss(0.5, gather=all_gather_rows)(aug[rows], pos[rows]).detach()
     # (c) a whole model under DDP, fixed geometry: loss and averaged parameter gradients.
-    model = _model()
+    model = layernorm_vit()
     model.loss_fn.gather = all_gather_rows
     model.train()
     ddp = DistributedDataParallel(model)
-    x, y, geometry = _inputs()
+    x, y, geometry = step_inputs(BATCH)
     sl = slice(rank * b, (rank + 1) * b)
     local_geometry = CropFlip(geometry.boxes[sl], geometry.flip[sl])
     out_model = ddp(x[sl], labels=y[sl], geometry=local_geometry)
@@ -92,21 +73,13 @@ def _worker(rank: int, port: int, out: str) -> None:
 def _trainer_run(rank: int, port: int, out: str) -> dict:
     from cgc_hf import CGCTrainer, CGCTrainingArguments
 
-    # What `accelerate launch --cpu --num_processes 2` sets in each process.
-    os.environ.update(
-        ACCELERATE_USE_CPU="true",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    launch_env(rank, WORLD, port)
     g = torch.Generator().manual_seed(1)
     data = [
         {"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": torch.tensor(i % 3)}
         for i in range(11)
     ]
-    model = _model()
+    model = layernorm_vit()
     args = CGCTrainingArguments(
         output_dir=str(Path(out) / "run"),
         per_device_train_batch_size=2,
@@ -168,9 +141,9 @@ def test_uneven_shares_give_the_full_batch_rows(ranks):
 
 @pytest.mark.slow
 def test_ddp_model_gradients_equal_single_process_full_batch(ranks):
-    model = _model()
+    model = layernorm_vit()
     model.train()
-    x, y, geometry = _inputs()
+    x, y, geometry = step_inputs(BATCH)
     out = model(x, labels=y, geometry=geometry)
     out["loss"].backward()
     torch.testing.assert_close(

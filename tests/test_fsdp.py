@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import NoiseImages, Stop, reset_accelerate, stop_after, tiny_args
+from conftest import (
+    NoiseImages,
+    Stop,
+    launch_env,
+    layernorm_vit,
+    reset_accelerate,
+    step_inputs,
+    stop_after,
+    tiny_args,
+)
 
 from cgc_hf import CGCModel, CropFlip, sample_crop_flip
 from cgc_hf.distributed import all_gather_rows
@@ -35,25 +44,6 @@ FSDP_ENV = dict(
     FSDP_TRANSFORMER_CLS_TO_WRAP="Block",  # every ViT block would be its own unit
     FSDP_STATE_DICT_TYPE="SHARDED_STATE_DICT",
 )
-
-
-def _vit() -> CGCModel:
-    torch.manual_seed(0)  # same weights in every process and in the reference
-    # LayerNorm only: the per-process forward equals the full-batch forward.
-    return CGCModel.from_backbone(
-        "test_vit",
-        num_labels=3,
-        pretrained=False,
-        model_kwargs={"img_size": 32, "patch_size": 8},
-        temperature=0.5,
-    )
-
-
-def _inputs() -> tuple[torch.Tensor, torch.Tensor, CropFlip]:
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g)  # (N, 3, 32, 32)
-    y = torch.randint(0, 3, (BATCH,), generator=g)  # (N,)
-    return x, y, sample_crop_flip(BATCH, generator=g)
 
 
 def _lift_gate(acc, **plugin) -> None:
@@ -86,7 +76,7 @@ def _train(out: Path, port: int, use_fsdp: bool, stop_at: int | None = None, **o
 
     reset_accelerate()
     os.environ.update(MASTER_PORT=str(port), ACCELERATE_USE_FSDP=str(use_fsdp).lower())
-    model = _vit()
+    model = layernorm_vit()
     args = tiny_args(
         out, per_device_train_batch_size=2, max_train_steps=STEPS, learning_rate=1e-3, **options
     )
@@ -114,14 +104,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     import cgc_hf.training.loop as loop
 
     torch.set_num_threads(1)
-    os.environ.update(
-        ACCELERATE_USE_CPU="true",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        **FSDP_ENV,
-    )
+    launch_env(rank, WORLD, **FSDP_ENV)
     loop.make_accelerator = _on_cpu(loop.make_accelerator)
     root, result = Path(out), {}
     # (a) one CGC step of a sharded model on half the batch each, fixed geometry.
@@ -154,7 +137,7 @@ def _hf_vit() -> CGCModel:
     return tiny_hf("vit")  # transformers ViT: units from its _no_split_modules (ViTLayer)
 
 
-def _step(rank: int, port: int, build=_vit, **plugin) -> dict:
+def _step(rank: int, port: int, build=layernorm_vit, **plugin) -> dict:
     from accelerate import Accelerator
 
     reset_accelerate()
@@ -166,7 +149,7 @@ def _step(rank: int, port: int, build=_vit, **plugin) -> dict:
     model.train()
     fsdp.shard_model(model, tiny_args("unused"), acc)
     units = sorted(n for n, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
-    x, y, geometry = _inputs()
+    x, y, geometry = step_inputs(BATCH)
     b = BATCH // WORLD
     sl = slice(rank * b, (rank + 1) * b)
     out = model(x[sl], labels=y[sl], geometry=CropFlip(geometry.boxes[sl], geometry.flip[sl]))
@@ -184,7 +167,7 @@ def _masked_images() -> list[dict]:
     x = torch.randn(4, 3, 32, 32, generator=g)  # (4, 3, 32, 32)
     masks = torch.rand(4, 32, 32, generator=g) > 0.5  # (4, 32, 32)
     with torch.no_grad():
-        labels = _vit().eval()(x)["logits"].argmax(1)  # (4,)
+        labels = layernorm_vit().eval()(x)["logits"].argmax(1)  # (4,)
     labels[3] = (labels[3] + 1) % 3
     return [{"pixel_values": x[i], "labels": labels[i], "mask": masks[i]} for i in range(4)]
 
@@ -200,7 +183,7 @@ def _evaluation(rank: int, port: int) -> dict:
     os.environ["MASTER_PORT"] = str(port)
     acc = Accelerator(cpu=True)
     _lift_gate(acc)
-    model = _vit()
+    model = layernorm_vit()
     fsdp.shard_model(model, tiny_args("unused"), acc)
     loader = acc.prepare(DataLoader(_masked_images(), batch_size=2))
     result = evaluate(model, loader, acc, seed=3).per_image
@@ -281,7 +264,7 @@ def run(tmp_path_factory) -> tuple[dict, Path]:
     "key, build, units",
     [
         # The plugin asked for every Block; the last one (the heatmap's) stays in the root unit.
-        ("step", _vit, ["", *(f"backbone.blocks.{i}" for i in range(5))]),
+        ("step", layernorm_vit, ["", *(f"backbone.blocks.{i}" for i in range(5))]),
         # transformers: the units come from _no_split_modules; the last ViTLayer stays whole.
         ("step_hf", _hf_vit, ["", "backbone.vit.embeddings", "backbone.vit.layers.0"]),
     ],
@@ -291,7 +274,7 @@ def test_fsdp_step_equals_one_process_on_the_full_batch(run, key, build, units):
     assert step["units"] == units
     model = build()
     model.train()
-    x, y, geometry = _inputs()
+    x, y, geometry = step_inputs(BATCH)
     out = model(x, labels=y, geometry=geometry)
     out["loss"].backward()
     torch.testing.assert_close(step["losses"].mean(), out["loss"].detach())
@@ -324,7 +307,7 @@ def test_fsdp_trainer_matches_ddp(run, variant):
     fsdp_w = fsdp_run["weights"]
     ddp_w = {k.removeprefix("module."): w for k, w in ddp_run["weights"].items()}
     assert fsdp_w.keys() == ddp_w.keys()
-    start = _vit().state_dict()
+    start = layernorm_vit().state_dict()
     moved, worst = 0.0, 0.0
     for name, w in ddp_w.items():
         update, fsdp_update = w - start[name], fsdp_w[name] - start[name]
@@ -371,7 +354,7 @@ def test_fsdp_saved_model_is_a_plain_model(run):
 
 
 def test_heatmap_path_keeps_the_last_block_and_head():
-    model = _vit()
+    model = layernorm_vit()
     path = fsdp.heatmap_path(model)
     assert {
         "backbone.blocks.5",
@@ -415,7 +398,7 @@ class _FakeAccelerator:
 def test_fsdp_refuses_what_it_cannot_run(tmp_path, plugin, options, named):
     acc = _FakeAccelerator(**plugin)
     with pytest.raises(CGCValueError) as err:
-        fsdp.check_fsdp(_vit(), tiny_args(tmp_path, **options), acc)
+        fsdp.check_fsdp(layernorm_vit(), tiny_args(tmp_path, **options), acc)
     message = str(err.value)
     assert named in message and "\n" not in message
     assert "fsdp_version 2" in message or "--" in message or "leave it unset" in message
@@ -425,7 +408,7 @@ def test_without_fsdp_nothing_is_sharded(tmp_path):
     from accelerate.utils import DistributedType
 
     acc = type("Acc", (), {"distributed_type": DistributedType.NO})()
-    model = _vit()
+    model = layernorm_vit()
     fsdp.shard_model(model, tiny_args(tmp_path, figure_images=4), acc)
     assert type(model) is CGCModel
 
@@ -452,15 +435,8 @@ def _recipe_worker(rank: int, port: int, out: str) -> None:
     from cgc_hf import hub
 
     torch.set_num_threads(1)
-    os.environ.update(
-        ACCELERATE_USE_CPU="true",
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        **{**FSDP_ENV, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1000"},
-    )
+    size_based = {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP", "FSDP_MIN_NUM_PARAMS": "1000"}
+    launch_env(rank, WORLD, port, **{**FSDP_ENV, **size_based})
     loop.make_accelerator = _on_cpu(loop.make_accelerator)
     hub.HfApi = FakeHfApi
     load_recipe("finetune").main(
@@ -504,7 +480,7 @@ def test_trainer_refuses_before_it_writes_anything(tmp_path, monkeypatch, fresh_
     monkeypatch.setattr(loop, "make_accelerator", _on_cpu(loop.make_accelerator))
     out = tmp_path / "run"
     with pytest.raises(CGCValueError, match=r"figure_images=4: .*pass --figure_images 0"):
-        tiny_trainer(out, model=_vit(), figure_images=4)
+        tiny_trainer(out, model=layernorm_vit(), figure_images=4)
     assert not out.exists()
 
 
@@ -517,7 +493,7 @@ def test_fsdp_evaluation_equals_one_process(run):
     from cgc_hf.evaluation import evaluate
 
     sharded = run[0]["evaluation"]
-    reference = evaluate(_vit(), DataLoader(_masked_images(), batch_size=2), None, seed=3)
+    reference = evaluate(layernorm_vit(), DataLoader(_masked_images(), batch_size=2), None, seed=3)
     assert sharded.keys() == reference.per_image.keys() and "content_heatmap" in sharded
     for key, values in reference.per_image.items():
         torch.testing.assert_close(sharded[key], values, atol=1e-5, rtol=1e-4, equal_nan=True)
