@@ -224,16 +224,22 @@ def _too_many_constant(batch: int) -> int:
     return max(2, math.ceil(batch / 8))
 
 
+def _probe_map(
+    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
+) -> Tensor:
+    """The probe heatmap before the ReLU, ``sum_c dscore/dA * A``, flattened: ``(B, hw)``."""
+    with torch.no_grad():
+        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
+        return (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
+
+
 def _constant_count(
     activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
 ) -> int:
     """Probe images whose heatmap ``relu(sum_c dscore/dA * A)`` is constant over the grid."""
-    with torch.no_grad():
-        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
-        cam = (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
-        cam = cam.clamp_min(0)
-        scale = cam.abs().amax().clamp_min(1e-30)
-        constant = (cam.amax(1) - cam.amin(1)) <= 1e-6 * scale  # (B,)
+    cam = _probe_map(activations, grads, target, image_size).clamp_min(0)  # (B, hw)
+    scale = cam.abs().amax().clamp_min(1e-30)
+    constant = (cam.amax(1) - cam.amin(1)) <= 1e-6 * scale  # (B,)
     return int(constant.sum())
 
 
@@ -283,12 +289,10 @@ def _informative(
     spread back over the grid, a global-context branch, a position embedding) gives a flat or
     image-independent map there although it receives gradient.
     """
-    with torch.no_grad():
-        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
-        cam = (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
-        scale = cam.abs().amax().clamp_min(1e-30)
-        varies = bool(((cam.amax(1) - cam.amin(1)) > 1e-5 * scale).any())
-        distinct = cam.shape[0] < 2 or bool((cam[0] - cam[1]).abs().amax() > 1e-5 * scale)
+    cam = _probe_map(activations, grads, target, image_size)  # (B, hw)
+    scale = cam.abs().amax().clamp_min(1e-30)
+    varies = bool(((cam.amax(1) - cam.amin(1)) > 1e-5 * scale).any())
+    distinct = cam.shape[0] < 2 or bool((cam[0] - cam[1]).abs().amax() > 1e-5 * scale)
     return varies and distinct
 
 
