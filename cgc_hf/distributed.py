@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if torch.distributed.is_available():
+    # Imported with cgc_hf, before any process group exists. Its functions take
+    # ``group=group.WORLD`` as a default argument, so a first import after the group is made
+    # (timm's import does it) holds that group after ``destroy_process_group``: its gloo worker
+    # threads then outlive the interpreter, and one that frees a finished collective's tensors
+    # while Python exits aborts the process ("terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 def all_gather_rows(z: Tensor) -> tuple[Tensor, int]:
     """Concatenate the rows of ``z`` from every process, keeping the gradient path to each.

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import launch_env, layernorm_vit, step_inputs
+from conftest import OFFLINE_ENV, launch_env, layernorm_vit, step_inputs
 
 from cgc_hf import CGCLoss, CropFlip
 from cgc_hf.distributed import all_gather_rows
@@ -49,21 +51,25 @@ def _worker(rank: int, port: int, out: str) -> None:
     start = sum(UNEVEN[:rank])
     rows = slice(start, start + UNEVEN[rank])
     result["uneven_loss"] = CGCLoss(0.5, gather=all_gather_rows)(aug[rows], pos[rows]).detach()
-    # (c) a whole model under DDP, fixed geometry: loss and averaged parameter gradients.
-    model = layernorm_vit()
-    model.loss_fn.gather = all_gather_rows
-    model.train()
-    ddp = DistributedDataParallel(model)
-    x, y, geometry = step_inputs(BATCH)
-    sl = slice(rank * b, (rank + 1) * b)
-    local_geometry = CropFlip(geometry.boxes[sl], geometry.flip[sl])
-    out_model = ddp(x[sl], labels=y[sl], geometry=local_geometry)
-    out_model["loss"].backward()
-    result["model_loss"] = out_model["loss"].detach()
-    result["model_cgc"] = out_model["loss_cgc"].detach()
-    result["param_grads"] = {
-        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-    }
+    # (c) a whole model under DDP, fixed geometry: loss and averaged parameter gradients,
+    # also with gradient checkpointing (blocks recomputed inside DDP's backward).
+    for suffix in ("", "_checkpointed"):
+        model = layernorm_vit()
+        if suffix:
+            model.gradient_checkpointing_enable()
+        model.loss_fn.gather = all_gather_rows
+        model.train()
+        ddp = DistributedDataParallel(model)
+        x, y, geometry = step_inputs(BATCH)
+        sl = slice(rank * b, (rank + 1) * b)
+        local_geometry = CropFlip(geometry.boxes[sl], geometry.flip[sl])
+        out_model = ddp(x[sl], labels=y[sl], geometry=local_geometry)
+        out_model["loss"].backward()
+        result["model_loss" + suffix] = out_model["loss"].detach()
+        result["model_cgc" + suffix] = out_model["loss_cgc"].detach()
+        result["param_grads" + suffix] = {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
     dist.destroy_process_group()
     # (d) the trainer under Accelerate: gather installed, evaluation counts each image once.
     result["trainer"] = _trainer_run(rank, port + 1, out)
@@ -140,23 +146,27 @@ def test_uneven_shares_give_the_full_batch_rows(ranks):
 
 
 @pytest.mark.slow
-def test_ddp_model_gradients_equal_single_process_full_batch(ranks):
+@pytest.mark.parametrize("suffix", ["", "_checkpointed"])
+def test_ddp_model_gradients_equal_single_process_full_batch(ranks, suffix):
     model = layernorm_vit()
     model.train()
     x, y, geometry = step_inputs(BATCH)
     out = model(x, labels=y, geometry=geometry)
     out["loss"].backward()
     torch.testing.assert_close(
-        torch.stack([r["model_cgc"] for r in ranks]).mean(), out["loss_cgc"].detach()
+        torch.stack([r["model_cgc" + suffix] for r in ranks]).mean(), out["loss_cgc"].detach()
     )
     torch.testing.assert_close(
-        torch.stack([r["model_loss"] for r in ranks]).mean(), out["loss"].detach()
+        torch.stack([r["model_loss" + suffix] for r in ranks]).mean(), out["loss"].detach()
     )
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads.keys() == ranks[0]["param_grads"].keys()
+    assert grads.keys() == ranks[0]["param_grads" + suffix].keys()
     for name, g in grads.items():
         for r in ranks:  # DDP leaves the same averaged gradient in every process
-            torch.testing.assert_close(r["param_grads"][name], g, atol=1e-6, rtol=1e-4)
+            got = r["param_grads" + suffix][name]
+            torch.testing.assert_close(got, g, atol=1e-6, rtol=1e-4)
+            if suffix:  # recomputing the blocks changes no arithmetic
+                assert torch.equal(got, r["param_grads"][name]), name
     assert out["loss_cgc"] > 0
 
 
@@ -172,3 +182,34 @@ def test_without_a_process_group_the_gather_is_the_identity():
     z = torch.randn(3, 4)
     rows, offset = all_gather_rows(z)
     assert rows is z and offset == 0
+
+
+_TEARDOWN = """
+import os, tempfile
+import torch
+import torch.distributed as dist
+import cgc_hf  # as the recipes import it: before the process group exists
+
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+import timm  # imported after the group exists, as loading a model does
+
+x = torch.zeros(2)
+dist.all_gather([torch.empty(2)], x)
+dist.barrier()
+dist.destroy_process_group()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(",".join(names))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_destroying_the_process_group_stops_its_threads():
+    """No gloo thread may outlive destroy_process_group: one that frees a collective's tensors
+    while Python exits aborts the process (cgc_hf/distributed.py imports the module that would
+    otherwise keep the group alive)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN], capture_output=True, text=True, env=OFFLINE_ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = proc.stdout.strip().splitlines()[-1].split(",")
+    assert not [t for t in threads if "gloo" in t], threads
