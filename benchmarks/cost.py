@@ -12,7 +12,9 @@ one process (median of several steps after warm-up):
   at input resolution;
 * ``cgc_whole`` (on request): ``cgc`` with a class-token ViT differentiated whole instead of
   through its readout slice (:mod:`cgc_hf.readout`: timm's ``ClassTokenReadout``,
-  transformers' ``ViTLayerReadout``), to show what the readout saves.
+  transformers' ``ViTLayerReadout``), to show what the readout saves;
+* ``cgc_ckpt`` (on request): ``cgc`` with gradient checkpointing of the blocks before the target
+  layer (``model.gradient_checkpointing_enable()``, :mod:`cgc_hf.gradient_checkpointing`).
 
 The default models are one per heatmap path: ResNet-50 (closed form), ConvNeXt-Tiny (pool, norm,
 linear), Swin-T (NHWC), ViT-S/16 (class token), ViT-S/16 with average pooling, and a transformers
@@ -29,6 +31,7 @@ Usage:
     python benchmarks/cost.py --batch_sizes 8 16 32 --modes cgc             # throughput
     python benchmarks/cost.py --overhead --models resnet18 --image_size 64 --steps 10 --cpu_time
     python benchmarks/cost.py --models resnet50 --modes ce2 cgc --channels_last --cpu_time
+    python benchmarks/cost.py --models vit_small_patch16_224 --modes ce2 cgc cgc_ckpt --cpu_time
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from cgc_hf import CGCLoss, CGCModel, combine, sample_crop_flip, warp
 from cgc_hf.target_layer import capture, to_nchw
 
-MODES = ("ce2", "cgc", "naive", "cgc_whole")
+MODES = ("ce2", "cgc", "naive", "cgc_whole", "cgc_ckpt")
 CL = "_cl"
 """Suffix of a mode run in channels-last memory format (model and images), e.g. ``cgc_cl``."""
 
@@ -175,7 +178,26 @@ def step_naive(model: CGCModel, x, labels, t) -> torch.Tensor:
     return loss + cfg.cgc_lambda * CGCLoss(cfg.temperature)(cam_aug[:, 0], cam_pos)
 
 
-STEPS = {"ce2": step_ce2, "cgc": step_cgc, "naive": step_naive, "cgc_whole": step_cgc_whole}
+STEPS = {
+    "ce2": step_ce2,
+    "cgc": step_cgc,
+    "naive": step_naive,
+    "cgc_whole": step_cgc_whole,
+    "cgc_ckpt": step_cgc,  # on the model with gradient checkpointing (variant)
+}
+
+
+def variant(model: CGCModel, mode: str) -> CGCModel:
+    """``model`` as ``mode`` runs it: stored channels-last for ``*_cl``, with gradient
+    checkpointing for ``cgc_ckpt``; the same weights."""
+    if not mode.endswith(CL) and mode != "cgc_ckpt":
+        return model
+    model = copy.deepcopy(model)
+    if mode.endswith(CL):
+        model = model.to(memory_format=torch.channels_last)
+    if mode.removesuffix(CL) == "cgc_ckpt":
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def run_steps(model, mode, batch, image_size, device, steps, dtype, opt, timings=None, clock=None):
@@ -226,8 +248,7 @@ def memory_child(args) -> None:
     """Run one mode in this (fresh) process and print its peak memory in MiB as JSON."""
     torch.manual_seed(0)
     model = build(args.models[0], args.image_size, args.device, args.explicit_attention)
-    if args.modes[0].endswith(CL):
-        model = model.to(memory_format=torch.channels_last)
+    model = variant(model, args.modes[0])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     dtype = getattr(torch, args.dtype)
     # The baseline is taken before any step: CPU allocators keep freed memory, so a warm-up
@@ -443,19 +464,18 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         model = build(name, args.image_size, args.device, args.explicit_attention)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        pairs = {False: (model, opt)}
-        if any(m.endswith(CL) for m in args.modes):  # the same weights, stored channels-last
-            cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            pairs[True] = (cl_model, torch.optim.SGD(cl_model.parameters(), lr=1e-3, momentum=0.9))
+        pairs = {}  # mode -> (model variant, its optimizer): the same weights
+        for m in args.modes:
+            net = variant(model, m)
+            pairs[m] = (net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9))
         for batch in args.batch_sizes:
             times = {m: [] for m in args.modes}
             for m in args.modes:  # warm-up
-                net, optim = pairs[m.endswith(CL)]
+                net, optim = pairs[m]
                 run_steps(net, m, batch, args.image_size, args.device, 1, dtype, optim)
             for _ in range(args.steps):  # interleaved, so drifts in machine load hit all modes
                 for m in args.modes:
-                    net, optim = pairs[m.endswith(CL)]
+                    net, optim = pairs[m]
                     run_steps(
                         net,
                         m,
@@ -501,6 +521,11 @@ def _format(row: dict, modes: list[str]) -> str:
         parts.append(f"cgc/ce2 time {row['cgc_s'] / row['ce2_s']:.2f}x")
         if "cgc_peak_mib" in row:
             parts.append(f"memory {row['cgc_peak_mib'] / row['ce2_peak_mib']:.2f}x")
+    if "cgc_ckpt" in modes and "cgc" in modes:
+        s = f"cgc_ckpt/cgc time {row['cgc_ckpt_s'] / row['cgc_s']:.2f}x"
+        if "cgc_peak_mib" in row:
+            s += f" memory {row['cgc_ckpt_peak_mib'] / row['cgc_peak_mib']:.2f}x"
+        parts.append(s)
     if "naive" in modes and "cgc" in modes:
         parts.append(f"speed-up over naive {row['naive_s'] / row['cgc_s']:.2f}x")
     for m in modes:

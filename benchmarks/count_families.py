@@ -17,6 +17,8 @@ A case passes when the target layer resolves automatically, one CGC training ste
 gives a finite loss whose CGC term alone sends non-zero gradient into the first layer of the
 backbone, and ``explain`` returns a heatmap that is not constant, on the grid the explained
 layer really outputs. Anything else, a time-out or an exhausted memory cap included, fails.
+``--gradient-checkpointing`` runs that step with the blocks before the target layer recomputed
+in the backward (``model.gradient_checkpointing_enable()``).
 Random-init models get what a first step of training would give them: all-zero classifier
 weights (timm zero-initialises some heads) become small random values, BatchNorm scales that
 transformers draws from N(0, 0.02) become 1, and BatchNorm statistics are estimated on the
@@ -241,8 +243,9 @@ def _calibrate_batchnorm(model: CGCModel, x: Tensor) -> None:
         model.adapter.logits(model.backbone, x)
 
 
-def check(model: CGCModel, result: Result) -> None:
-    """Train one CGC step and explain; raise with the reason when a criterion fails."""
+def check(model: CGCModel, result: Result, checkpointing: bool = False) -> None:
+    """Train one CGC step (with gradient checkpointing when asked) and explain; raise with the
+    reason when a criterion fails."""
     _prepare(model.backbone)
     result.target = model.target.name
     result.layout = model.target.layout
@@ -255,6 +258,8 @@ def check(model: CGCModel, result: Result) -> None:
     x = torch.randn(4, 3, *size, generator=gen)
     model.eval()
     stem = first_weight_layer(model, lambda: model.adapter.logits(model.backbone, x))
+    if checkpointing:
+        model.gradient_checkpointing_enable()
 
     model.train()
     out = model(x, labels=torch.tensor([0, 1, 2, 0]))
@@ -294,7 +299,9 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_case(result: Result, build: Callable[[], CGCModel], timeout: float) -> Result:
+def run_case(
+    result: Result, build: Callable[[], CGCModel], timeout: float, checkpointing: bool = False
+) -> Result:
     """Build and check one case; never raises."""
     start = time.perf_counter()
     try:
@@ -302,7 +309,7 @@ def run_case(result: Result, build: Callable[[], CGCModel], timeout: float) -> R
             torch.manual_seed(0)
             model = build()
             result.params = _num_params(model.backbone)
-            check(model, result)
+            check(model, result, checkpointing)
     except Exception as err:  # noqa: BLE001 - the table reports every failure
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         result.status = f"error: {type(err).__name__}: {first_line[:200]}"
@@ -419,7 +426,9 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _worker(conn: Connection, case: tuple[str, str, str, str], timeout: float, gb: float) -> None:
+def _worker(
+    conn: Connection, case: tuple[str, str, str, str], timeout: float, gb: float, ckpt: bool
+) -> None:
     # Cap this process's heap so one huge model fails alone instead of exhausting the machine.
     limit = int(gb * 2**30)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -431,18 +440,20 @@ def _worker(conn: Connection, case: tuple[str, str, str, str], timeout: float, g
         build = timm_small(name, result)
     else:
         build = timm_default(name)
-    result = run_case(result, build, timeout)
+    result = run_case(result, build, timeout, ckpt)
     if "NotApplicable" in result.status:
         result.status = "n/a: " + result.status.split("NotApplicable: ", 1)[-1]
     conn.send(asdict(result))
     conn.close()
 
 
-def run_isolated(case: tuple[str, str, str, str], timeout: float, gb: float) -> Result:
+def run_isolated(
+    case: tuple[str, str, str, str], timeout: float, gb: float, checkpointing: bool = False
+) -> Result:
     """:func:`run_case` in a forked process with a memory cap; a crash is reported, not fatal."""
     ctx = multiprocessing.get_context("fork")  # the child inherits the imports: no start-up cost
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, case, timeout, gb))
+    proc = ctx.Process(target=_worker, args=(send, case, timeout, gb, checkpointing))
     start = time.perf_counter()
     proc.start()
     send.close()
@@ -517,6 +528,11 @@ def main() -> None:
     parser.add_argument("--max-memory-gb", type=float, default=8.0, help="Heap cap per case.")
     parser.add_argument("--picks", default=None, help="JSON cache of the smallest timm models.")
     parser.add_argument("--json", default=None, help="Also write the results to this file.")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Train the CGC step with model.gradient_checkpointing_enable().",
+    )
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")  # deprecation chatter would drown the table
@@ -552,7 +568,9 @@ def main() -> None:
             elif not case[3]:
                 r = Result(case[0], case[2], "", status="error: no model of this family builds")
             else:
-                r = run_isolated(case, args.timeout_per_model, args.max_memory_gb)
+                r = run_isolated(
+                    case, args.timeout_per_model, args.max_memory_gb, args.gradient_checkpointing
+                )
             results.append(r)
             print(
                 f"{r.family:<24} {r.model:<36} {r.size:>7} {r.params / 1e6:>7.2f}M "

@@ -11,7 +11,7 @@ layer's matrix for a batch of 8 views is 2 GB.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,19 +25,26 @@ def attention_modules(backbone: nn.Module) -> list[nn.Module]:
     return [m for m in backbone.modules() if hasattr(m, "fused_attn")]
 
 
-def finished_before(backbone: nn.Module, target: str, run: Callable[[], object]) -> set[nn.Module]:
-    """Attention modules whose every forward returned before the target layer's forward returned.
+def finished_before(
+    backbone: nn.Module,
+    target: str,
+    run: Callable[[], object],
+    modules: Sequence[nn.Module] | None = None,
+) -> set[nn.Module]:
+    """Modules whose every forward returned before the target layer's forward returned.
 
     Args:
         backbone: the model.
         target: module path of the target layer.
         run: one forward pass of ``backbone``; it runs in eval mode without gradients, so
             BatchNorm statistics are not touched.
+        modules: the modules to sort (default: the attention modules).
 
     Returns:
-        The modules that may keep the fused kernel; a module that did not run is not included.
+        The modules differentiated only once by the CGC loss (those attention modules may keep
+        the fused kernel); a module that did not run is not included.
     """
-    modules = attention_modules(backbone)
+    modules = attention_modules(backbone) if modules is None else list(modules)
     if not modules:
         return set()
     returned = [False]  # whether the target layer has returned

@@ -385,6 +385,11 @@ class _FakeAccelerator:
         ({"fsdp_version": 2, "activation_checkpointing": False}, {"figure_images": 2}, "figure"),
         (
             {"fsdp_version": 2, "activation_checkpointing": False},
+            {"gradient_checkpointing": True},
+            "gradient_checkpointing=True",
+        ),
+        (
+            {"fsdp_version": 2, "activation_checkpointing": False},
             {"eval_explanation_images": 8},
             "eval_explanation_images=8",
         ),

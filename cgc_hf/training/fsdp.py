@@ -16,10 +16,11 @@ is sharded as usual; only the last block and the head are held whole during a st
 
 Parameters whose first dimension is shorter than the process count (a ViT's class token and
 position embedding) are sharded on another dimension (:func:`_placement`), so that a resumed
-run is exact. FSDP1 (``fsdp_version=1``), activation checkpointing, figures, the subset
-evaluation and ``load_best_model_at_end`` are refused before training (:func:`check_fsdp`),
-each with what works instead. The final model is gathered into a plain :class:`CGCModel`
-(:func:`full_model`), so ``save_pretrained`` writes the same files as an unsharded run.
+run is exact. FSDP1 (``fsdp_version=1``), activation checkpointing (FSDP's or
+``gradient_checkpointing``), figures, the subset evaluation and ``load_best_model_at_end`` are
+refused before training (:func:`check_fsdp`), each with what works instead. The final model is
+gathered into a plain :class:`CGCModel` (:func:`full_model`), so ``save_pretrained`` writes the
+same files as an unsharded run.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def check_fsdp(model: nn.Module, args: Any, accelerator: Any) -> None:
             "block's recomputed graph a second time, which this trainer does not support under "
             "activation checkpointing; train without it (--fsdp_activation_checkpointing false), "
             "or with a smaller per-device batch."
+        )
+    if getattr(args, "gradient_checkpointing", False):
+        raise CGCValueError(
+            "gradient_checkpointing=True is not supported under FSDP yet (the recomputed blocks "
+            "would gather their shards again in the backward, untested here); drop "
+            "--gradient_checkpointing, or train with DDP (plain accelerate launch / torchrun)."
         )
     if args.figure_images:
         raise CGCValueError(

@@ -200,6 +200,14 @@ class UnlabeledStream:
             state.unlabeled_batches = 0
 
 
+def prepare_model(model: Any, args: Any) -> None:
+    """The model's memory options: 4-D weights in NHWC with ``args.channels_last``; the blocks
+    before the target layer recomputed in the backward with ``args.gradient_checkpointing``."""
+    model.to(memory_format=memory_format(args))
+    if getattr(args, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable()
+
+
 def memory_format(args: Any) -> torch.memory_format:
     """The memory format of the training model and images: NHWC with ``args.channels_last``,
     else whatever format they already have."""

@@ -138,7 +138,7 @@ class CGCTrainer:
                 msg = "explanation metrics on the first %d of the %d evaluation images"
                 logger.info(msg, args.eval_explanation_images, len(eval_dataset))
 
-        model.to(memory_format=loaders.memory_format(args))  # channels_last: 4-D weights NHWC
+        loaders.prepare_model(model, args)  # channels_last, gradient_checkpointing
         optimizer = build_optimizer(model, args)
         self.steps_per_epoch = loaders.steps_per_epoch(len(train_dataset), args, acc.num_processes)
         self.max_steps = args.max_train_steps or args.num_train_epochs * self.steps_per_epoch
