@@ -149,15 +149,20 @@ def resolve_target(
 def _rank(
     score: Tensor, candidates: list[tuple[_Record, TargetLayer]], size: tuple[int, int]
 ) -> list[tuple[_Record, TargetLayer, Tensor]]:
-    """Candidates that receive gradient from ``score``, best first, with that gradient."""
-    grads = torch.autograd.grad(
-        score, [rec.tensor for rec, _ in candidates], allow_unused=True, retain_graph=True
-    )
-    reached = [
-        (rec, target, grad, _informative(rec.tensor, grad, target, size))
-        for (rec, target), grad in zip(candidates, grads)
-        if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0)
-    ]
+    """Candidates that receive gradient from ``score``, best first, with their probe maps."""
+    reached = []
+    # The gradients of every candidate at once would hold another copy of every output
+    # (several GB for a large ViT at 768 px): at most _GRAD_BYTES of them at a time, and only
+    # each candidate's (B, hw) probe map is kept.
+    for group in _groups(candidates, _GRAD_BYTES):
+        grads = torch.autograd.grad(
+            score, [rec.tensor for rec, _ in group], allow_unused=True, retain_graph=True
+        )
+        for (rec, target), grad in zip(group, grads):
+            if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0):
+                cam = _probe_map(rec.tensor, grad, target, size)  # (B, hw)
+                reached.append((rec, target, cam, _informative(cam)))
+        del grads
     # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block, not the
     # block's output: HF ViT's last v_proj would otherwise win over the last block's norm in a
     # class-token ViT. Likewise, once the sequence carries a class token, a map without it is
@@ -172,7 +177,29 @@ def _rank(
             with_prefix and not c[1].num_prefix_tokens,
         )
     )
-    return [(rec, target, grad) for rec, target, grad, _ in reached]
+    return [(rec, target, cam) for rec, target, cam, _ in reached]
+
+
+_GRAD_BYTES = 2**30
+"""Bytes of candidate gradients computed in one backward pass of the target probe."""
+
+
+def _groups(
+    candidates: list[tuple[_Record, TargetLayer]], budget: int
+) -> Iterator[list[tuple[_Record, TargetLayer]]]:
+    """Consecutive candidates whose outputs take at most ``budget`` bytes (at least one each)."""
+    group: list[tuple[_Record, TargetLayer]] = []
+    used = 0
+    for candidate in candidates:
+        tensor = candidate[0].tensor
+        size = tensor.numel() * tensor.element_size()
+        if group and used + size > budget:
+            yield group
+            group, used = [], 0
+        group.append(candidate)
+        used += size
+    if group:
+        yield group
 
 
 def _earlier_stage_if_constant(
@@ -196,8 +223,8 @@ def _earlier_stage_if_constant(
     like that, e.g. a random-init ResNet whose residual branches start at zero) the chosen
     layer stays.
     """
-    rec, target, grad = chosen
-    constant = _constant_count(rec.tensor, grad, target, size)
+    rec, target, cam = chosen
+    constant = _constant_count(cam)
     if constant < _too_many_constant(rec.tensor.shape[0]):
         return rec, target
     grid = _grid(rec, target, size)
@@ -212,8 +239,8 @@ def _earlier_stage_if_constant(
     earlier = _spatial_candidates(finer, size, layout_hint, prefix_hint)
     ranked = _rank(score, earlier, size) if earlier else []
     if ranked:
-        best, best_target, best_grad = ranked[0]
-        fewer = _constant_count(best.tensor, best_grad, best_target, size)
+        best, best_target, best_cam = ranked[0]
+        fewer = _constant_count(best_cam)
         if fewer < min(constant, _too_many_constant(best.tensor.shape[0])):
             return best, best_target
     return rec, target
@@ -233,11 +260,13 @@ def _probe_map(
         return (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
 
 
-def _constant_count(
-    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
-) -> int:
-    """Probe images whose heatmap ``relu(sum_c dscore/dA * A)`` is constant over the grid."""
-    cam = _probe_map(activations, grads, target, image_size).clamp_min(0)  # (B, hw)
+def _constant_count(probe_map: Tensor) -> int:
+    """Probe images whose heatmap ``relu(sum_c dscore/dA * A)`` is constant over the grid.
+
+    Shape:
+        probe_map: ``(B, hw)``, from :func:`_probe_map`.
+    """
+    cam = probe_map.clamp_min(0)  # (B, hw)
     scale = cam.abs().amax().clamp_min(1e-30)
     constant = (cam.amax(1) - cam.amin(1)) <= 1e-6 * scale  # (B,)
     return int(constant.sum())
@@ -278,10 +307,9 @@ def _nonzero_linears(backbone: nn.Module) -> Iterator[None]:
                 w.zero_()
 
 
-def _informative(
-    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
-) -> bool:
-    """Whether the layer's probe heatmap says something about the images.
+def _informative(cam: Tensor) -> bool:
+    """Whether the layer's probe heatmap ``cam`` (:func:`_probe_map`, ``(B, hw)``) says
+    something about the images.
 
     The map ``sum_c dscore/dA * A`` (before the ReLU, so that a random-init model's sign does
     not decide) must vary over positions and differ between the probe images, which differ.
@@ -289,7 +317,6 @@ def _informative(
     spread back over the grid, a global-context branch, a position embedding) gives a flat or
     image-independent map there although it receives gradient.
     """
-    cam = _probe_map(activations, grads, target, image_size)  # (B, hw)
     scale = cam.abs().amax().clamp_min(1e-30)
     varies = bool(((cam.amax(1) - cam.amin(1)) > 1e-5 * scale).any())
     distinct = cam.shape[0] < 2 or bool((cam[0] - cam[1]).abs().amax() > 1e-5 * scale)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HF_TINY, TIMM_TINY, TinySpec, images, tiny, tiny_hf, tiny_timm
+from conftest import HF_TINY, TIMM_TINY, TinySpec, arch_id, images, tiny, tiny_hf, tiny_timm
 from torch import Tensor
 
-from cgc_hf import CGCModel, TargetLayer, TargetLayerError, resolve_target
+from cgc_hf import CGCModel, TargetLayer, TargetLayerError, resolve_target, targets
 from cgc_hf.backbones import target_hints
 from cgc_hf.target_layer import to_nchw, token_grid
 
@@ -214,3 +214,26 @@ def test_per_token_classifier_is_not_taken_for_features():
     net = _TokenLabellingNet()
     target = resolve_target(net, net, torch.randn(2, 3, 16, 16))
     assert (target.name, target.layout) == ("norm", "NLC")
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [("timm", "vit_token"), ("timm", "resnet"), ("timm", "levit"), ("transformers", "swin")],
+    ids=arch_id,
+)
+def test_probe_gradients_taken_a_few_at_a_time_choose_the_same_target(arch, monkeypatch):
+    """The probe bounds the candidate gradients it holds at once (a large ViT at 768 px would
+    hold several GB); one candidate per backward pass must choose what one pass over all does."""
+    reference = tiny(arch)[0].target
+    passes = []
+    groups = targets._groups
+
+    def counted(*args):
+        for group in groups(*args):
+            passes.append(len(group))
+            yield group
+
+    monkeypatch.setattr(targets, "_GRAD_BYTES", 1)  # one candidate per pass
+    monkeypatch.setattr(targets, "_groups", counted)
+    assert tiny(arch)[0].target == reference
+    assert len(passes) > 1 and set(passes) == {1}
