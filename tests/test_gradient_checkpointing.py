@@ -89,6 +89,11 @@ def test_checkpointing_replays_dropout_and_drop_path():
     _assert_same_step(_vit(), torch.randn(4, 3, 32, 32))
 
 
+def test_the_recomputation_runs_in_the_forwards_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # --mixed_precision bf16
+        _assert_same_step(_vit(), torch.randn(4, 3, 32, 32))
+
+
 def test_without_restoring_them_batchnorm_statistics_would_count_a_batch_twice(monkeypatch):
     model, spec = tiny(("timm", "resnet"))
     x = images(spec, batch=4)
