@@ -55,8 +55,17 @@ def checkpoint_units(
     return units
 
 
-def enable(units: list[nn.Module]) -> None:
-    """Run each module of ``units`` under gradient checkpointing when gradients are recorded."""
+def enable(units: list[nn.Module], backbone: nn.Module) -> None:
+    """Run each module of ``units`` under gradient checkpointing when gradients are recorded.
+
+    A transformers model that keeps a key / value cache (ImageGPT) stops keeping it: its blocks
+    append to the cache, so a recomputed block would find twice the keys. An image classifier
+    never reads the cache; :func:`disable` restores the setting.
+    """
+    config = getattr(backbone, "config", None)
+    if getattr(config, "use_cache", False):
+        backbone.__dict__["_cgc_use_cache"] = config.use_cache
+        config.use_cache = False
     for module in units:
         if not isinstance(module.__dict__.get("forward"), Checkpointed):
             module.forward = Checkpointed(module.forward, module)
@@ -67,6 +76,8 @@ def disable(backbone: nn.Module) -> None:
     for module in backbone.modules():
         if isinstance(module.__dict__.get("forward"), Checkpointed):
             del module.forward  # the class's forward again
+    if "_cgc_use_cache" in backbone.__dict__:
+        backbone.config.use_cache = backbone.__dict__.pop("_cgc_use_cache")
 
 
 def checkpointed(backbone: nn.Module) -> list[nn.Module]:

@@ -227,7 +227,7 @@ class CGCModel(CGCHubMixin, nn.Module):
         units = checkpointing.checkpoint_units(
             self.backbone, self.target.name, self._probe_forward()
         )
-        checkpointing.enable(units)
+        checkpointing.enable(units, self.backbone)
         self._gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:

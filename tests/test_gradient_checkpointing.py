@@ -94,6 +94,27 @@ def test_the_recomputation_runs_in_the_forwards_autocast():
         _assert_same_step(_vit(), torch.randn(4, 3, 32, 32))
 
 
+def test_a_key_value_cache_is_not_filled_twice():
+    """ImageGPT's blocks append to a key / value cache: a recomputed block would find twice
+    the keys. While checkpointing, the (unread) cache is off."""
+    from transformers import AutoConfig, AutoModelForImageClassification, ImageGPTImageProcessor
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "imagegpt", num_labels=3, n_embd=32, n_layer=2, n_head=2, n_positions=64
+    )
+    backbone = AutoModelForImageClassification.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    clusters = torch.rand(config.vocab_size - 1, 3, generator=g) * 2 - 1
+    processor = ImageGPTImageProcessor(clusters=clusters, size={"height": 8, "width": 8})
+    model = CGCModel.from_backbone(backbone, image_processor=processor)
+    assert backbone.config.use_cache
+    _assert_same_step(model, torch.randn(4, 3, 8, 8))
+    assert backbone.config.use_cache is False
+    model.gradient_checkpointing_disable()
+    assert backbone.config.use_cache is True
+
+
 def test_without_restoring_them_batchnorm_statistics_would_count_a_batch_twice(monkeypatch):
     model, spec = tiny(("timm", "resnet"))
     x = images(spec, batch=4)
