@@ -181,6 +181,7 @@ class CGCModel(CGCHubMixin, nn.Module):
 
     def set_target_layer(self, name: str | None) -> TargetLayer:
         """Explain ``name`` (a module path) from now on; ``None`` restores the automatic choice."""
+        checkpointing.disable(self.backbone)  # the probe reads the gradient of every layer
         self.target = self._resolve_target(name)
         self.config.target_layer = name
         self.config.target = self.target.to_dict()

@@ -1,17 +1,18 @@
 """Where Grad-CAM looks: resolve the target layer of any timm / transformers classifier.
 
-Resolution is structural, not a table of attribute paths that change between library versions:
-one probe forward records every module's output in execution order, one backward measures which
-of them receive gradient from the class score, and the last spatial map (or token sequence whose
-tokens form a grid) that does is the target. Class-token ViTs, whose last-block patch tokens get
-no gradient, thus resolve to the last block's first norm; Swin (NHWC) and DINOv2 to their last
-stage. Layers that receive gradient but whose probe heatmap is flat, or the same for different
-images (a pooled vector spread back over the grid), come last, as do maps without the class token
-once the sequence carries one (projections inside a class-token block, as in CvT's last stage),
-so class attention and late class tokens are followed back to the last spatial map the score
-reads. A stage whose heatmaps after the ReLU are constant for many of the probe images (a
-2 x 2 last stage at random init) gives way to the best layer of the stage before it. A user may
-name any module instead; it is checked the same way (only the automatic choice falls back).
+Resolution is structural, not a table of attribute paths that change between library versions: a
+probe forward records every module's output in execution order, a backward measures which of
+them receive gradient from the class score (:mod:`cgc_hf.probe`), and the last spatial map (or
+token sequence whose tokens form a grid) that does is the target. Class-token ViTs, whose
+last-block patch tokens get no gradient, thus resolve to the last block's first norm; Swin
+(NHWC) and DINOv2 to their last stage. Layers that receive gradient but whose probe heatmap is
+flat, or the same for different images (a pooled vector spread back over the grid), come last,
+as do maps without the class token once the sequence carries one (projections inside a
+class-token block, as in CvT's last stage), so class attention and late class tokens are
+followed back to the last spatial map the score reads. A stage whose heatmaps after the ReLU are
+constant for many of the probe images (a 2 x 2 last stage at random init) gives way to the best
+layer of the stage before it. A user may name any module instead; it is checked the same way
+(only the automatic choice falls back).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import probe
 from .errors import TargetLayerError
 from .target_layer import (
     _MAX_PREFIX,
@@ -62,7 +64,7 @@ def resolve_target(
     layout_hint: str | None = None,
     prefix_hint: int | None = None,
 ) -> TargetLayer:
-    """Find (or check) the Grad-CAM target layer of a classifier with one probe pass.
+    """Find (or check) the Grad-CAM target layer of a classifier with a probe batch.
 
     Runs in the backbone's current train/eval mode is left unchanged on return; the probe itself
     runs in eval mode so BatchNorm statistics are not touched.
@@ -97,12 +99,30 @@ def resolve_target(
         handles.append(module.register_forward_hook(hook))
     was_training = backbone.training
     backbone.eval()
+    size = tuple(example.shape[-2:])
     try:
         with torch.enable_grad(), _nonzero_linears(backbone):
-            logits = logits_fn(example)
-            classes = logits.argmax(1)
+            # In eval mode images do not interact, so large images are probed a few at a time:
+            # each pass holds the graph of its own images only (a 768 px ViT's: 8.6 GB each).
+            # What the decisions below read of a pass is its images' probe maps; the records,
+            # logits and graph of the last pass stay for the structural checks.
+            parts: dict[int, list[tuple[Tensor | None, bool]]] = {}
+            for images in example.split(probe.images_per_pass(size)):
+                records.clear()
+                logits = logits_fn(images)
+                score = logits.gather(1, logits.argmax(1)[:, None]).sum()
+                described = [
+                    (rec, target)
+                    for rec in records
+                    if (target := _describe(rec, size, layout_hint, prefix_hint)) is not None
+                ]
+                for (rec, _), part in zip(described, probe.probe_maps(score, described, size)):
+                    parts.setdefault(rec.order, []).append(part)
+                del score, described
+            maps = {order: probe.joined(p) for order, p in parts.items()}
+            params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
             candidates = _spatial_candidates(
-                records, tuple(example.shape[-2:]), layout_hint, prefix_hint, keep=name
+                records, size, layout_hint, prefix_hint, keep=name, params=params
             )
             if name is not None and name not in {rec.name for rec, _ in candidates}:
                 raise TargetLayerError(
@@ -115,9 +135,7 @@ def resolve_target(
                     f"no module of {type(backbone).__name__} outputs a spatial feature map or a "
                     "token grid; Grad-CAM needs one. Pass target_layer= explicitly."
                 )
-            score = logits.gather(1, classes[:, None]).sum()
-            size = tuple(example.shape[-2:])
-            ranked = _rank(score, candidates, size)
+            ranked = _rank(maps, candidates)
             alive = [(rec, target) for rec, target, _ in ranked]
             if name is not None:
                 chosen = [(rec, target) for rec, target in alive if rec.name == name]
@@ -137,7 +155,7 @@ def resolve_target(
             rec, target = alive[0]
             if name is None:
                 rec, target = _earlier_stage_if_constant(
-                    ranked[0], candidates, records, score, size, layout_hint, prefix_hint
+                    ranked[0], candidates, records, maps, size, layout_hint, prefix_hint, params
                 )
             return _with_linear_head(target, rec, records, logits, example)
     finally:
@@ -147,22 +165,15 @@ def resolve_target(
 
 
 def _rank(
-    score: Tensor, candidates: list[tuple[_Record, TargetLayer]], size: tuple[int, int]
+    maps: dict[int, Tensor | None], candidates: list[tuple[_Record, TargetLayer]]
 ) -> list[tuple[_Record, TargetLayer, Tensor]]:
-    """Candidates that receive gradient from ``score``, best first, with their probe maps."""
-    reached = []
-    # The gradients of every candidate at once would hold another copy of every output
-    # (several GB for a large ViT at 768 px): at most _GRAD_BYTES of them at a time, and only
-    # each candidate's (B, hw) probe map is kept.
-    for group in _groups(candidates, _GRAD_BYTES):
-        grads = torch.autograd.grad(
-            score, [rec.tensor for rec, _ in group], allow_unused=True, retain_graph=True
-        )
-        for (rec, target), grad in zip(group, grads):
-            if grad is not None and bool(_patch_part(grad, target).abs().amax() > 0):
-                cam = _probe_map(rec.tensor, grad, target, size)  # (B, hw)
-                reached.append((rec, target, cam, _informative(cam)))
-        del grads
+    """Candidates that receive gradient from the class score, best first, with their probe
+    maps (``maps``: record order -> :func:`cgc_hf.probe.joined` map)."""
+    reached = [
+        (rec, target, cam, probe.informative(cam))
+        for rec, target in candidates
+        if (cam := maps.get(rec.order)) is not None
+    ]
     # A Linear applied to tokens (attention q/k/v, MLP) is a projection inside a block, not the
     # block's output: HF ViT's last v_proj would otherwise win over the last block's norm in a
     # class-token ViT. Likewise, once the sequence carries a class token, a map without it is
@@ -180,36 +191,15 @@ def _rank(
     return [(rec, target, cam) for rec, target, cam, _ in reached]
 
 
-_GRAD_BYTES = 2**30
-"""Bytes of candidate gradients computed in one backward pass of the target probe."""
-
-
-def _groups(
-    candidates: list[tuple[_Record, TargetLayer]], budget: int
-) -> Iterator[list[tuple[_Record, TargetLayer]]]:
-    """Consecutive candidates whose outputs take at most ``budget`` bytes (at least one each)."""
-    group: list[tuple[_Record, TargetLayer]] = []
-    used = 0
-    for candidate in candidates:
-        tensor = candidate[0].tensor
-        size = tensor.numel() * tensor.element_size()
-        if group and used + size > budget:
-            yield group
-            group, used = [], 0
-        group.append(candidate)
-        used += size
-    if group:
-        yield group
-
-
 def _earlier_stage_if_constant(
     chosen: tuple[_Record, TargetLayer, Tensor],
     candidates: list[tuple[_Record, TargetLayer]],
     records: list[_Record],
-    score: Tensor,
+    maps: dict[int, Tensor | None],
     size: tuple[int, int],
     layout_hint: str | None,
     prefix_hint: int | None,
+    params: set[int],
 ) -> tuple[_Record, TargetLayer]:
     """The chosen layer, or the best layer of the stage before it when its heatmaps are constant.
 
@@ -224,7 +214,7 @@ def _earlier_stage_if_constant(
     layer stays.
     """
     rec, target, cam = chosen
-    constant = _constant_count(cam)
+    constant = probe.constant_count(cam)
     if constant < _too_many_constant(rec.tensor.shape[0]):
         return rec, target
     grid = _grid(rec, target, size)
@@ -236,11 +226,11 @@ def _earlier_stage_if_constant(
         if (t := _describe(r, size, layout_hint, prefix_hint)) is not None
         and math.prod(_grid(r, t, size)[1:]) > math.prod(grid[1:])
     ]
-    earlier = _spatial_candidates(finer, size, layout_hint, prefix_hint)
-    ranked = _rank(score, earlier, size) if earlier else []
+    earlier = _spatial_candidates(finer, size, layout_hint, prefix_hint, params=params)
+    ranked = _rank(maps, earlier) if earlier else []
     if ranked:
         best, best_target, best_cam = ranked[0]
-        fewer = _constant_count(best_cam)
+        fewer = probe.constant_count(best_cam)
         if fewer < min(constant, _too_many_constant(best.tensor.shape[0])):
             return best, best_target
     return rec, target
@@ -249,27 +239,6 @@ def _earlier_stage_if_constant(
 def _too_many_constant(batch: int) -> int:
     """Probe images with a constant heatmap that disqualify a layer: an eighth, at least 2."""
     return max(2, math.ceil(batch / 8))
-
-
-def _probe_map(
-    activations: Tensor, grads: Tensor, target: TargetLayer, image_size: tuple[int, int]
-) -> Tensor:
-    """The probe heatmap before the ReLU, ``sum_c dscore/dA * A``, flattened: ``(B, hw)``."""
-    with torch.no_grad():
-        acts = to_nchw(activations.detach(), target, image_size).float()  # (B, C, h, w)
-        return (to_nchw(grads, target, image_size).float() * acts).sum(1).flatten(1)  # (B, hw)
-
-
-def _constant_count(probe_map: Tensor) -> int:
-    """Probe images whose heatmap ``relu(sum_c dscore/dA * A)`` is constant over the grid.
-
-    Shape:
-        probe_map: ``(B, hw)``, from :func:`_probe_map`.
-    """
-    cam = probe_map.clamp_min(0)  # (B, hw)
-    scale = cam.abs().amax().clamp_min(1e-30)
-    constant = (cam.amax(1) - cam.amin(1)) <= 1e-6 * scale  # (B,)
-    return int(constant.sum())
 
 
 def _grid(rec: _Record, target: TargetLayer, image_size: tuple[int, int]) -> tuple[int, ...]:
@@ -307,22 +276,6 @@ def _nonzero_linears(backbone: nn.Module) -> Iterator[None]:
                 w.zero_()
 
 
-def _informative(cam: Tensor) -> bool:
-    """Whether the layer's probe heatmap ``cam`` (:func:`_probe_map`, ``(B, hw)``) says
-    something about the images.
-
-    The map ``sum_c dscore/dA * A`` (before the ReLU, so that a random-init model's sign does
-    not decide) must vary over positions and differ between the probe images, which differ.
-    A layer the class score reads only through a pooled or broadcast vector (a class token
-    spread back over the grid, a global-context branch, a position embedding) gives a flat or
-    image-independent map there although it receives gradient.
-    """
-    scale = cam.abs().amax().clamp_min(1e-30)
-    varies = bool(((cam.amax(1) - cam.amin(1)) > 1e-5 * scale).any())
-    distinct = cam.shape[0] < 2 or bool((cam[0] - cam[1]).abs().amax() > 1e-5 * scale)
-    return varies and distinct
-
-
 def _suggest(candidates: list[tuple[_Record, TargetLayer]]) -> str:
     names = [c[0].name for c in candidates[:3]]
     return f" Spatial layers near the output: {names}." if names else ""
@@ -335,18 +288,16 @@ def _shape_of(records: list[_Record], name: str) -> str:
     return "(no tensor)"
 
 
-def _patch_part(grad: Tensor, target: TargetLayer) -> Tensor:
-    return grad[:, target.num_prefix_tokens :] if target.layout == "NLC" else grad
-
-
 def _spatial_candidates(
     records: list[_Record],
     image_size: tuple[int, int],
     layout_hint: str | None,
     prefix_hint: int | None,
     keep: str | None = None,
+    params: set[int] | None = None,
 ) -> list[tuple[_Record, TargetLayer]]:
-    """Records that look like feature maps / token grids, last executed first.
+    """Records that look like feature maps / token grids, last executed first (``params``: the
+    storage addresses of the model's parameters, :func:`_learned_query_counts`).
 
     Only layers with the same channel count as the last such layer are kept, which skips
     attention internals (qkv, attention maps, MLP hidden) that are not feature maps. That width
@@ -356,7 +307,7 @@ def _spatial_candidates(
     """
     spatial: list[tuple[_Record, TargetLayer, int]] = []
     seen: set[str] = set()
-    queries = _learned_query_counts(records)
+    queries = _learned_query_counts(records, params or set())
     for rec in reversed(records):
         if rec.name in seen:  # a module called twice: keep its last call
             continue
@@ -374,7 +325,7 @@ def _spatial_candidates(
     return [(rec, t) for rec, t, c in spatial if c == anchors[0] or rec.name == keep]
 
 
-def _learned_query_counts(records: list[_Record]) -> set[int]:
+def _learned_query_counts(records: list[_Record], params: set[int]) -> set[int]:
     """Token counts of sequences that start as learned queries, not as image positions.
 
     Perceiver's latents enter as one parameter broadcast over the batch (``expand``: stride 0
@@ -395,8 +346,16 @@ def _learned_query_counts(records: list[_Record]) -> set[int]:
             continue
         first = counts - broadcast.keys()
         if first:
-            broadcast.update(dict.fromkeys(first, t.shape[0] > 1 and t.stride(0) == 0))
+            broadcast.update(dict.fromkeys(first, _broadcast(t, params)))
     return {n for n, b in broadcast.items() if b}
+
+
+def _broadcast(t: Tensor, params: set[int]) -> bool:
+    """A parameter broadcast over the batch: stride 0 along it, or, in a batch of one (whose
+    stride says nothing), the parameter's own storage."""
+    if t.shape[0] > 1:
+        return t.stride(0) == 0
+    return t.untyped_storage().data_ptr() in params
 
 
 def _of_learned_queries(t: Tensor, queries: set[int]) -> bool:

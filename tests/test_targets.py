@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
-from conftest import HF_TINY, TIMM_TINY, TinySpec, arch_id, images, tiny, tiny_hf, tiny_timm
+from conftest import HF_TINY, TIMM_TINY, TinySpec, images, tiny, tiny_hf, tiny_timm
 from torch import Tensor
 
-from cgc_hf import CGCModel, TargetLayer, TargetLayerError, resolve_target, targets
+from cgc_hf import CGCModel, TargetLayer, TargetLayerError, probe, resolve_target
 from cgc_hf.backbones import target_hints
 from cgc_hf.target_layer import to_nchw, token_grid
 
@@ -216,24 +217,49 @@ def test_per_token_classifier_is_not_taken_for_features():
     assert (target.name, target.layout) == ("norm", "NLC")
 
 
-@pytest.mark.parametrize(
-    "arch",
-    [("timm", "vit_token"), ("timm", "resnet"), ("timm", "levit"), ("transformers", "swin")],
-    ids=arch_id,
-)
-def test_probe_gradients_taken_a_few_at_a_time_choose_the_same_target(arch, monkeypatch):
-    """The probe bounds the candidate gradients it holds at once (a large ViT at 768 px would
-    hold several GB); one candidate per backward pass must choose what one pass over all does."""
-    reference = tiny(arch)[0].target
-    passes = []
-    groups = targets._groups
+def _pit() -> CGCModel:
+    """PiT at 64 px: its 2 x 2 last stage's heatmaps are constant, the stage before is chosen."""
+    torch.manual_seed(0)
+    return CGCModel.from_backbone(timm.create_model("pit_ti_224", num_classes=3, img_size=64))
 
-    def counted(*args):
-        for group in groups(*args):
-            passes.append(len(group))
-            yield group
 
-    monkeypatch.setattr(targets, "_GRAD_BYTES", 1)  # one candidate per pass
-    monkeypatch.setattr(targets, "_groups", counted)
-    assert tiny(arch)[0].target == reference
-    assert len(passes) > 1 and set(passes) == {1}
+PROBED = {
+    "timm-vit_token": lambda: tiny(("timm", "vit_token"))[0],
+    "timm-resnet": lambda: tiny(("timm", "resnet"))[0],
+    "timm-levit": lambda: tiny(("timm", "levit"))[0],
+    "hf-swin": lambda: tiny(("transformers", "swin"))[0],
+    "hf-perceiver": lambda: tiny(("transformers", "perceiver"))[0],  # learned latents
+    "timm-pit": _pit,  # the earlier-stage fallback
+}
+
+
+@pytest.mark.parametrize("key", PROBED)
+@pytest.mark.parametrize("knob", ["GRAD_BYTES", "images_per_pass"])
+def test_a_probe_split_into_small_parts_chooses_the_same_target(key, knob, monkeypatch):
+    """The probe bounds what it holds at once: candidate gradients in backward passes of at
+    most 1 GiB, and large images a few per forward pass (a ViT at 768 px holds 8.6 GB an
+    image). One candidate per backward pass, or one image per forward pass, must choose what
+    one pass over everything does."""
+    reference = PROBED[key]().target
+    calls = []
+    if knob == "GRAD_BYTES":
+        groups = probe.groups
+
+        def counted(*args):
+            for group in groups(*args):
+                calls.append(len(group))
+                yield group
+
+        monkeypatch.setattr(probe, "GRAD_BYTES", 1)  # one candidate per backward pass
+        monkeypatch.setattr(probe, "groups", counted)
+    else:
+        maps = probe.probe_maps
+
+        def one_image(score, described, size):
+            calls.append(described[0][0].tensor.shape[0])
+            return maps(score, described, size)
+
+        monkeypatch.setattr(probe, "images_per_pass", lambda size: 1)
+        monkeypatch.setattr(probe, "probe_maps", one_image)
+    assert PROBED[key]().target == reference
+    assert len(calls) > 1 and set(calls) == {1}
