@@ -109,6 +109,7 @@ def resolve_target(
             parts: dict[int, list[tuple[Tensor | None, bool]]] = {}
             for images in example.split(probe.images_per_pass(size)):
                 records.clear()
+                logits = None  # the last pass's graph goes before this pass builds its own
                 logits = logits_fn(images)
                 score = logits.gather(1, logits.argmax(1)[:, None]).sum()
                 described = [
@@ -116,8 +117,9 @@ def resolve_target(
                     for rec in records
                     if (target := _describe(rec, size, layout_hint, prefix_hint)) is not None
                 ]
-                for (rec, _), part in zip(described, probe.probe_maps(score, described, size)):
-                    parts.setdefault(rec.order, []).append(part)
+                orders = [rec.order for rec, _ in described]
+                for order, part in zip(orders, probe.probe_maps(score, described, size)):
+                    parts.setdefault(order, []).append(part)
                 del score, described
             maps = {order: probe.joined(p) for order, p in parts.items()}
             params = {p.untyped_storage().data_ptr() for p in backbone.parameters()}
