@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import timm
 import torch
@@ -254,9 +256,13 @@ def test_a_probe_split_into_small_parts_chooses_the_same_target(key, knob, monke
         monkeypatch.setattr(probe, "groups", counted)
     else:
         maps = probe.probe_maps
+        earlier: list[weakref.ref] = []  # an output of each earlier pass
 
         def one_image(score, described, size):
             calls.append(described[0][0].tensor.shape[0])
+            # each pass's graph is gone before the next pass's is differentiated
+            assert all(ref() is None for ref in earlier)
+            earlier.append(weakref.ref(described[0][0].tensor))
             return maps(score, described, size)
 
         monkeypatch.setattr(probe, "images_per_pass", lambda size: 1)
