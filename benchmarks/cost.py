@@ -187,15 +187,21 @@ STEPS = {
 }
 
 
+def variant_key(mode: str) -> tuple[bool, bool]:
+    """``(channels-last, gradient checkpointing)``: the model variant ``mode`` runs on."""
+    return mode.endswith(CL), mode.removesuffix(CL) == "cgc_ckpt"
+
+
 def variant(model: CGCModel, mode: str) -> CGCModel:
     """``model`` as ``mode`` runs it: stored channels-last for ``*_cl``, with gradient
     checkpointing for ``cgc_ckpt``; the same weights."""
-    if not mode.endswith(CL) and mode != "cgc_ckpt":
+    channels_last, checkpointed = variant_key(mode)
+    if not (channels_last or checkpointed):
         return model
     model = copy.deepcopy(model)
-    if mode.endswith(CL):
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if mode.removesuffix(CL) == "cgc_ckpt":
+    if checkpointed:
         model.gradient_checkpointing_enable()
     return model
 
@@ -464,18 +470,22 @@ def main() -> None:
     for name in args.models:
         torch.manual_seed(0)
         model = build(name, args.image_size, args.device, args.explicit_attention)
-        pairs = {}  # mode -> (model variant, its optimizer): the same weights
+        # (model variant, its optimizer) per variant: the same weights; modes that run on the
+        # same variant share it, as they share the default model
+        pairs = {}
         for m in args.modes:
-            net = variant(model, m)
-            pairs[m] = (net, torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9))
+            if variant_key(m) not in pairs:
+                net = variant(model, m)
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+                pairs[variant_key(m)] = (net, opt)
         for batch in args.batch_sizes:
             times = {m: [] for m in args.modes}
             for m in args.modes:  # warm-up
-                net, optim = pairs[m]
+                net, optim = pairs[variant_key(m)]
                 run_steps(net, m, batch, args.image_size, args.device, 1, dtype, optim)
             for _ in range(args.steps):  # interleaved, so drifts in machine load hit all modes
                 for m in args.modes:
-                    net, optim = pairs[m]
+                    net, optim = pairs[variant_key(m)]
                     run_steps(
                         net,
                         m,

@@ -42,7 +42,7 @@ HARMLESS = frozenset(
         "cache_dir",
         "dataset_source",
         "on_bad_image",
-        "gradient_checkpointing",  # recomputes the same values (tests/test_checkpointing.py)
+        "gradient_checkpointing",  # the same values (tests/test_gradient_checkpointing.py)
     }
 )
 # Differences the saved state cannot follow, even when allowed.
